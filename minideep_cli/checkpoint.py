@@ -1,0 +1,101 @@
+"""Checkpoints: one self-contained file, written atomically, read without running code.
+
+A checkpoint is a dict of plain tensors, numbers, strings, lists and dicts:
+  kind, format, model (state dict), optimizer (state dict or None), config (resolved, as a dict),
+  tokenizer (the tokenizer JSON), loop (step, tokens, elapsed seconds, best val loss, RNG states,
+  data position), data (meta.json of the data it trained on).
+It is loaded with torch.load(weights_only=True), so a file can never execute code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+KIND = "minideep-checkpoint"
+FORMAT = 1
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write to a temporary file in the same folder, flush, fsync, then rename over `path`."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"kind": KIND, "format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save's zip container; never the legacy pickle format
+            raise UserError(f"{p} is not a minideep checkpoint")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{p} is not a readable minideep checkpoint (damaged or another format): {first}")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise UserError(f"{p} is not a minideep checkpoint")
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"{p} has checkpoint format {ckpt.get('format')}; this minideep reads {FORMAT}")
+    return ckpt
+
+
+def newest_run(runs_dir: str | os.PathLike = "runs") -> Optional[Path]:
+    runs = [d for d in Path(runs_dir).glob("*") if (d / "last.pt").is_file() or (d / "best.pt").is_file()]
+    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.pt"))) if runs else None
+
+
+def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
+    """A checkpoint file, or a run dir (its best.pt, else last.pt), or None = newest run in runs/."""
+    if path is None:
+        run = newest_run()
+        if run is None:
+            raise UserError("no checkpoint given and no runs under ./runs; train one with `minideep train`")
+        p = run
+    else:
+        p = Path(path)
+    if p.is_dir():
+        order = ["best.pt", "last.pt"] if prefer == "best" else ["last.pt", "best.pt"]
+        for name in order:
+            if (p / name).is_file():
+                return p / name
+        raise UserError(f"no checkpoint (best.pt or last.pt) in {p}")
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    return p
+
+
+def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
+    """Rebuild the model a checkpoint describes and load its weights; returns (model, config)."""
+    from .config import Config
+    from .models import build_model
+
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not match its config ({cfg.model.arch}): {str(e).splitlines()[0]}")
+    return model.to(device).eval(), cfg

@@ -1,0 +1,357 @@
+"""Every configuration dataclass, YAML presets and dotted overrides.
+
+Torch-free on purpose: `minideep --help` and config errors must not pay for importing torch.
+
+Precedence (design.md §3): defaults < preset YAML < --config FILE < -o section.key=value.
+A YAML file holds the sections `model`, `data`, `train`, `sample`, and may hold per-arch
+sections `gpt2:` / `moe:` (each with the same four sections) that apply only to that arch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+ARCHES = ("gpt2", "moe")
+SECTIONS = ("model", "data", "train", "sample")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "moe"  # gpt2 | moe
+    vocab_size: int = 2048  # taken from the tokenizer at train time
+    block_size: int = 256  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    # gpt2
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
+    # moe transformer
+    n_kv_head: int = 0  # 0 = n_head (plain multi-head attention)
+    attention: str = "gqa"  # gqa (more variants arrive with the attention issue)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    ffn_hidden: int = 0  # hidden width of dense SwiGLU layers; 0 = 8/3 * n_embd rounded to 16
+    # moe: which layers are sparse
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 0  # hidden width of one expert; 0 = ffn_hidden // top_k
+    n_shared_experts: int = 0  # always-on experts of expert_hidden each
+    first_k_dense: int = 0  # the first k blocks use a dense SwiGLU
+    moe_every: int = 1  # after those, every n-th block is sparse (1 = all)
+    # moe: router
+    router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3 scores, selection-only bias)
+    norm_topk: bool = False  # renormalise the k gates to sum to 1 (Mixtral); k >= 2 only
+    router_noise: str = "none"  # none | jitter (Gaussian on logits) | noisy_topk (Shazeer 2017)
+    router_noise_std: float = 1.0  # std of the jitter on the router logits
+    # moe: capacity
+    capacity_factor: Optional[float] = 1.25  # null = dropless
+    eval_capacity_factor: Optional[float] = None  # eval and generation; null = dropless
+    drop_policy: str = "position"  # position (causal-safe) | gate (leaks the future; see README)
+    # moe: balancing
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # token files from `minideep tokenize`; "" = the bundled corpus
+    vocab_size: int = 2048  # BPE vocabulary when train tokenizes the bundled corpus itself
+    val_fraction: float = 0.1  # the last 10% of the text
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    seed: int = 1337
+    batch_size: int = 16  # sequences per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 2000  # 0 = no step limit (then max_minutes must be set)
+    max_minutes: float = 0.0  # time budget; 0 = none. The LR schedule follows it.
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: float = 0.02  # fraction of the run spent warming up
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    grad_checkpointing: bool = False
+    eval_interval: int = 250  # steps between validations
+    eval_iters: int = 20  # batches per periodic validation
+    log_interval: int = 10
+    ckpt_interval: int = 0  # steps between checkpoints; 0 = at each validation
+    sample_tokens: int = 200  # length of the sample printed at the end; 0 = none
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 1337
+    num_samples: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        apply_sections(cfg, d, "saved config")
+        return cfg
+
+
+# ---------------------------------------------------------------- presets
+
+
+def preset_dir() -> Path:
+    """presets/ is the source; the wheel ships it as the package `minideep_cli.presets`."""
+    try:
+        packaged = Path(str(resources.files("minideep_cli.presets")))
+        if packaged.is_dir() and any(packaged.glob("*.yaml")):
+            return packaged
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}")
+    try:
+        d = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(d, dict):
+        raise UserError(f"{what} {path} must be a mapping of sections (model:, train:, ...)")
+    return d
+
+
+def load_preset(name: str) -> dict:
+    path = preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = list_presets()
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"unknown preset '{name}'{hint}; available: {', '.join(names)}")
+    return read_yaml(path, "preset")
+
+
+# ---------------------------------------------------------------- coercion
+
+
+def _field_types(obj) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Coerce a YAML or command-line value to a field's declared type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        return coerce(value, args[0], key)
+    if value is None:
+        raise UserError(f"{key} cannot be null")
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("true", "1", "yes", "on"):
+                return True
+            if s in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            s = str(value).strip().replace("_", "")
+            f = float(s)  # accepts 1e3
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(str(value).strip()) if isinstance(value, str) else float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        raise UserError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+    raise UserError(f"{key}: unsupported type {typ}")
+
+
+def _unknown(key: str, valid: list[str], where: str) -> UserError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid: {', '.join(valid)}"
+    return UserError(f"unknown key '{key}' in {where}{hint}")
+
+
+def set_value(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    section, _, key = dotted.partition(".")
+    all_keys = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+    if section not in SECTIONS or not key:
+        raise _unknown(dotted, all_keys, where)
+    obj = getattr(cfg, section)
+    types_ = _field_types(obj)
+    if key not in types_:
+        raise _unknown(dotted, all_keys, where)
+    setattr(obj, key, coerce(value, types_[key], dotted))
+
+
+def apply_sections(cfg: Config, d: dict, where: str, arch_sections: bool = False) -> None:
+    """Apply {section: {key: value}} onto cfg; with arch_sections, also accept gpt2:/moe:."""
+    for section, values in d.items():
+        if arch_sections and section in ARCHES:
+            continue
+        if section not in SECTIONS:
+            valid = list(SECTIONS) + (list(ARCHES) if arch_sections else [])
+            raise _unknown(str(section), valid, where)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"section '{section}' in {where} must be a mapping")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value, where)
+
+
+def apply_yaml(cfg: Config, d: dict, where: str, arch: str) -> None:
+    apply_sections(cfg, d, where, arch_sections=True)
+    per_arch = d.get(arch)
+    if per_arch:
+        if not isinstance(per_arch, dict):
+            raise UserError(f"section '{arch}' in {where} must be a mapping")
+        apply_sections(cfg, per_arch, f"{where} ({arch}:)")
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise UserError(f"override '{text}' must look like section.key=value")
+    return key.strip(), value.strip()
+
+
+def resolve_config(
+    preset: Optional[str] = None,
+    config_file: Optional[str] = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    arch: Optional[str] = None,
+) -> Config:
+    """defaults < preset < config file < overrides; per-arch sections for the chosen arch."""
+    layers: list[tuple[str, dict]] = []
+    if preset:
+        layers.append((f"preset '{preset}'", load_preset(preset)))
+    if config_file:
+        layers.append((f"config {config_file}", read_yaml(Path(config_file), "config file")))
+    pairs = [parse_override(o) for o in overrides]
+
+    # The arch decides which per-arch sections apply, so find it first (same precedence).
+    chosen = ModelConfig().arch
+    for _, d in layers:
+        m = d.get("model") or {}
+        if isinstance(m, dict) and "arch" in m:
+            chosen = str(m["arch"])
+    for k, v in pairs:
+        if k == "model.arch":
+            chosen = v
+    if arch:
+        chosen = arch
+    if chosen not in ARCHES:
+        raise UserError(f"unknown arch '{chosen}'; choose one of: {', '.join(ARCHES)}")
+
+    cfg = Config()
+    for where, d in layers:
+        apply_yaml(cfg, d, where, chosen)
+    for k, v in pairs:
+        set_value(cfg, k, v, "overrides")
+    cfg.model.arch = chosen
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    if m.arch not in ARCHES:
+        raise UserError(f"unknown arch '{m.arch}'; choose one of: {', '.join(ARCHES)}")
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise UserError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
+    if m.arch == "moe" and (m.n_embd // m.n_head) % 2:
+        raise UserError("model.n_embd / model.n_head must be even for RoPE")
+    if m.attention not in ("gqa",):
+        raise UserError(f"model.attention '{m.attention}' is not available yet; choose gqa")
+    if m.router not in ("softmax", "sigmoid"):
+        raise UserError(f"model.router must be softmax or sigmoid, got '{m.router}'")
+    if m.router_noise not in ("none", "jitter", "noisy_topk"):
+        raise UserError(f"model.router_noise must be none, jitter or noisy_topk, got '{m.router_noise}'")
+    if m.drop_policy not in ("position", "gate"):
+        raise UserError(f"model.drop_policy must be position or gate, got '{m.drop_policy}'")
+    if not 1 <= m.top_k <= m.n_experts:
+        raise UserError(f"model.top_k ({m.top_k}) must be between 1 and model.n_experts ({m.n_experts})")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        v = getattr(m, name)
+        if v is not None and v <= 0:
+            raise UserError(f"model.{name} must be positive or null (dropless)")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(m, name) <= 0:
+            raise UserError(f"model.{name} must be positive")
+    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(t, name) <= 0:
+            raise UserError(f"train.{name} must be positive")
+    if t.max_steps <= 0 and t.max_minutes <= 0:
+        raise UserError("set train.max_steps or train.max_minutes (both are 0)")
+    if t.max_steps < 0 or t.max_minutes < 0:
+        raise UserError("train.max_steps and train.max_minutes cannot be negative")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"train.dtype must be auto, float32 or bfloat16, got '{t.dtype}'")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise UserError("data.val_fraction must be between 0 and 1")
+    if cfg.data.vocab_size < 257:
+        raise UserError("data.vocab_size must be at least 257 (256 bytes + <|endoftext|>)")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,17 @@
+"""Model registry: build_model(cfg) for every arch minideep trains."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .gpt2 import GPT2
+from .output import Output
+from .transformer import MoETransformer
+
+MODELS = {"gpt2": GPT2, "moe": MoETransformer}
+
+
+def build_model(cfg: ModelConfig):
+    return MODELS[cfg.arch](cfg)
+
+
+__all__ = ["MODELS", "Output", "build_model", "GPT2", "MoETransformer"]

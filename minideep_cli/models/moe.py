@@ -1,0 +1,153 @@
+"""Sparse Mixture-of-Experts feed-forward: router, capacity, dispatch, balancing.
+
+One MoE layer, for N tokens of width d, E experts and top-k routing:
+
+  router   logits = x W_r^T in fp32 (N, E); training-only noise; top-k selection
+  gates    softmax probabilities read at the chosen k (raw for k = 1, as Switch; renormalised
+           over the k only with norm_topk), or sigmoid scores (DeepSeek-V3); a selection-only
+           bias shifts which experts are chosen but never weights them
+  capacity ceil(capacity_factor * N * k / E) assignments per expert; overflow decided in
+           position-major order (all sequences' position 0, then 1, ...), so a token's fate never
+           depends on later tokens of its own sequence
+  dispatch sort the N*k assignments by expert, run each expert on its contiguous slice
+           (one grouped matmul where available), weight by gates, sum a token's k outputs
+  balance  Switch aux loss E * sum_i f_i P_i (1.0 when uniform) and router z-loss
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .layers import SwiGLU
+
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def switch_aux_loss(probs: torch.Tensor, counts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i, f_i = share of the N*k assignments given to expert i, P_i = mean router
+    probability of expert i; exactly 1.0 when routing is uniform, for any k. probs (N, E), counts (E,)."""
+    f = counts.float() / counts.sum().clamp_min(1)
+    return n_experts * (f * probs.mean(dim=0)).sum()
+
+
+def capacity_for(capacity_factor: float | None, n_tokens: int, k: int, n_experts: int) -> int | None:
+    return None if capacity_factor is None else math.ceil(capacity_factor * n_tokens * k / n_experts)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
+        if cfg.router_noise == "noisy_topk":  # learned per-expert noise scale (Shazeer et al. 2017)
+            self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.n_embd))
+        # selection-only bias for auxiliary-loss-free balancing; updated by the training loop
+        self.register_buffer("bias", torch.zeros(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor):
+        """x (N, d) -> top-k expert ids (N, k), gates (N, k), probs (N, E), clean logits (N, E); fp32."""
+        cfg = self.cfg
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            logits = F.linear(x32, self.weight.float())  # (N, E)
+            noisy = logits
+            if self.training and cfg.router_noise == "jitter":
+                noisy = logits + torch.randn_like(logits) * cfg.router_noise_std
+            elif self.training and cfg.router_noise == "noisy_topk":
+                noisy = logits + torch.randn_like(logits) * F.softplus(F.linear(x32, self.noise_weight.float()))
+            if cfg.router == "softmax":
+                scores = probs = noisy.softmax(dim=-1)  # (N, E)
+            else:
+                scores = noisy.sigmoid()
+                probs = scores / scores.sum(dim=-1, keepdim=True)
+            expert_ids = (scores + self.bias).topk(cfg.top_k, dim=-1).indices  # (N, k)
+            gates = scores.gather(1, expert_ids)  # (N, k)
+            if cfg.norm_topk and cfg.top_k > 1:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        return expert_ids, gates, probs, logits
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights: w1, w3 (E, d, h), w2 (E, h, d)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
+        if HAS_GROUPED_MM:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
+            x = x.to(dtype)
+            h = F.silu(F.grouped_mm(x, self.w1.to(dtype), offs=offs)) * F.grouped_mm(x, self.w3.to(dtype), offs=offs)
+            return F.grouped_mm(h, self.w2.to(dtype), offs=offs)
+        out, start = [], 0  # fallback: a loop over experts (never over tokens)
+        for e, n in enumerate(counts.tolist()):
+            xe = x[start : start + n]
+            out.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
+            start += n
+        return torch.cat(out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, expert_hidden: int):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.n_experts, cfg.n_embd, expert_hidden)
+        self.shared = SwiGLU(cfg.n_embd, cfg.n_shared_experts * expert_hidden) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x (B, T, d) -> y (B, T, d), routing stats (tensors, no host sync)."""
+        cfg = self.cfg
+        B, T, d = x.shape
+        N, k, E = B * T, cfg.top_k, cfg.n_experts
+        flat = x.reshape(N, d)
+        expert_ids, gates, probs, logits = self.router(flat)  # (N, k), (N, k), (N, E), (N, E)
+
+        # Order the N*k assignments by expert, and within an expert by priority.
+        a = torch.arange(N * k, device=x.device)
+        token = a // k  # assignment -> token (b * T + t)
+        if cfg.drop_policy == "gate":  # batch-prioritised: higher gate first (leaks the future!)
+            prio = torch.empty_like(a).scatter_(0, gates.flatten().argsort(descending=True, stable=True), a)
+        else:  # position-major: (t, b, choice)
+            prio = ((token % T) * B + token // T) * k + a % k
+        e_flat = expert_ids.flatten()  # (N*k,)
+        order = (e_flat * (N * k) + prio).argsort()  # (N*k,) grouped by expert, priority within
+        counts = torch.bincount(e_flat, minlength=E)  # (E,) assignments per expert
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(N * k, device=x.device) - starts[e_flat[order]]  # place in its expert's queue
+        capacity = capacity_for(cfg.capacity_factor if self.training else cfg.eval_capacity_factor, N, k, E)
+        keep = rank < capacity if capacity is not None else torch.ones_like(rank, dtype=torch.bool)
+
+        h = self.experts(flat[token[order]], counts)  # (N*k, d), expert-sorted
+        h = torch.empty_like(h).index_copy_(0, order, h)  # back to (token, choice) order
+        keep_tc = torch.empty_like(keep).index_copy_(0, order, keep).view(N, k)
+        w = (gates * keep_tc).to(h.dtype)  # dropped assignments weigh 0: the token keeps the residual only
+        y = (h.view(N, k, d) * w.unsqueeze(-1)).sum(dim=1)  # (N, d)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+
+        aux = switch_aux_loss(probs, counts, E)
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+        stats = {
+            "tokens_per_expert": counts.detach(),
+            "dropped": (~keep).sum().detach(),
+            "assignments": N * k,
+            "expert_ids": expert_ids.detach(),  # (N, k), tokens in (b, t) order
+            "kept": keep_tc.detach(),  # (N, k) False where capacity dropped the assignment
+            "entropy": entropy.detach(),
+            "aux": aux.detach(),
+            "z": z.detach(),
+            "loss": cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
+        }
+        return y.view(B, T, d).to(x.dtype), stats

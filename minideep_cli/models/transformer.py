@@ -1,0 +1,141 @@
+"""The MoE transformer: pre-RMSNorm blocks of attention and a feed-forward that is a sparse MoE
+or a dense SwiGLU, RoPE positions, tied or untied embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from ..config import ModelConfig
+from .attention import Cache, GQAttention
+from .layers import RMSNorm, SwiGLU, rope_tables
+from .moe import MoE
+from .output import Output, lm_loss
+
+
+def dense_hidden(cfg: ModelConfig) -> int:
+    return cfg.ffn_hidden or 16 * math.ceil(8 * cfg.n_embd / 3 / 16)
+
+
+def expert_hidden(cfg: ModelConfig) -> int:
+    return cfg.expert_hidden or max(16, dense_hidden(cfg) // cfg.top_k)
+
+
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    return i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd)
+        self.attn = GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.dropout)
+        self.ffn_norm = RMSNorm(cfg.n_embd)
+        self.is_moe = is_moe_layer(cfg, layer)
+        self.ffn = MoE(cfg, expert_hidden(cfg)) if self.is_moe else SwiGLU(cfg.n_embd, dense_hidden(cfg))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, pos: int = 0):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos))
+        if self.is_moe:
+            h, stats = self.ffn(self.ffn_norm(x))
+        else:
+            h, stats = self.ffn(self.ffn_norm(x)), None
+        return x + self.drop(h), stats
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self):
+        """N(0, 0.02) for every matrix and the router; output projections (attention wo, SwiGLU and
+        expert w2) scaled by 1/sqrt(2 * n_layer); norms 1; the router's selection bias 0."""
+        out_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("noise_weight"):
+                nn.init.zeros_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, 0.02)
+        for name, b in self.named_buffers():
+            if name.endswith("router.bias"):
+                nn.init.zeros_(b)
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> Cache:
+        p = self.tok_emb.weight
+        max_len = max_len or self.cfg.block_size
+        return Cache([b.attn.new_cache(batch, max_len, dtype or p.dtype, device or p.device) for b in self.blocks])
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None) -> Output:
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos + T} exceeds block_size {self.cfg.block_size}")
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, hs/2)
+        x = self.drop(self.tok_emb(idx))  # (B, T, d)
+        routing, moe_layers = [], []
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x, stats = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, stats = block(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
+            if stats is not None:
+                routing.append(stats)
+                moe_layers.append(i)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        loss = lm_loss(logits, targets) if targets is not None else None
+        aux = {"routing": routing, "moe_layers": moe_layers}
+        if routing:
+            aux["loss"] = sum(s["loss"] for s in routing)
+        return Output(logits, loss, aux)
+
+    @torch.no_grad()
+    def update_router_bias(self, loads: list[torch.Tensor]) -> None:
+        """Auxiliary-loss-free balancing: after an optimizer step, nudge each MoE layer's
+        selection bias up for under-loaded experts and down for over-loaded ones."""
+        rate = self.cfg.bias_update_rate
+        moe = [b.ffn for b in self.blocks if b.is_moe]
+        for layer, load in zip(moe, loads):
+            load = load.float()
+            layer.router.bias += rate * torch.sign(load.mean() - load)
+
+    def num_params(self, active: bool = False, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if active:  # only top_k of n_experts routed experts run per token
+            cfg = self.cfg
+            for b in self.blocks:
+                if b.is_moe:
+                    per_expert = sum(p[0].numel() for p in b.ffn.experts.parameters())
+                    n -= (cfg.n_experts - cfg.top_k) * per_expert
+        if not embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 per active matmul weight (lm_head included) + attention scores."""
+        c = self.cfg
+        tied_head = c.vocab_size * c.n_embd if c.tie_embeddings else 0  # removed with the embedding
+        matmul = self.num_params(active=True, embeddings=False) + tied_head
+        return 6 * matmul + 12 * c.n_layer * c.n_embd * seq_len

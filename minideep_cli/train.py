@@ -1,0 +1,323 @@
+"""The training loop: AdamW, warmup + cosine (over steps or a time budget), accumulation,
+clipping, BF16 autocast on CUDA, periodic validation, TensorBoard, atomic checkpoints, exact
+resume. Reports progress through a callback; never prints."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, to_yaml
+from .data import TokenData, bundled_data_dir, get_batch
+from .errors import UserError
+from .evaluate import autocast_for, evaluate_tokens, nll_and_bytes
+from .generate import generate
+from .models import build_model
+
+Event = Callable[[str, dict], Optional[bool]]  # (kind, info) -> True to stop after this step
+EVAL_SEED = 4242  # periodic validation always reads the same batches
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed: float
+    stopped: str  # "done", "interrupted", "diverged"
+    val: dict = field(default_factory=dict)  # final full-split evaluation
+    sample: str = ""
+    best_val_loss: float = float("inf")
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but CUDA is not available")
+    return name
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def open_data(cfg: Config, progress=None) -> TokenData:
+    if cfg.data.dir:
+        return TokenData.open(cfg.data.dir)
+    return TokenData.open(bundled_data_dir(cfg.data.vocab_size, cfg.data.val_fraction, progress))
+
+
+def lr_at(progress: float, cfg) -> float:
+    """Linear warmup over the first `warmup` fraction of the run, then cosine to lr * min_lr_ratio."""
+    t = cfg.train
+    if progress < t.warmup:
+        return t.lr * (progress + 1e-3) / (t.warmup + 1e-3)
+    frac = min(1.0, (progress - t.warmup) / max(1e-9, 1.0 - t.warmup))
+    min_lr = t.lr * t.min_lr_ratio
+    return min_lr + 0.5 * (t.lr - min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+def run_progress(step: int, elapsed: float, cfg) -> float:
+    """Fraction of the run done: by steps, by time, or whichever budget is nearer its end."""
+    t = cfg.train
+    p = 0.0
+    if t.max_steps > 0:
+        p = max(p, step / t.max_steps)
+    if t.max_minutes > 0:
+        p = max(p, elapsed / (60.0 * t.max_minutes))
+    return p
+
+
+def make_optimizer(model, cfg, device: str) -> torch.optim.AdamW:
+    """Weight decay on matrices and embeddings (ndim >= 2), none on norms and biases."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), fused=device.startswith("cuda"),
+    )
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop at the next step boundary (and save), instead of dying mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def routing_summary(loads: list[torch.Tensor]) -> float:
+    """Worst-layer load imbalance, max/mean of tokens per expert (1.0 = perfectly balanced)."""
+    return max((l.max() / l.float().mean().clamp_min(1e-9)).item() for l in loads) if loads else 0.0
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None) -> TrainResult:
+    emit = on_event or (lambda kind, info: None)
+    run_dir = Path(run_dir)
+    t = cfg.train
+    device = pick_device(t.device)
+    dtype = pick_dtype(t.dtype, device)
+    if dtype == torch.bfloat16 and device == "cpu":
+        emit("note", {"text": "bf16 on CPU is much slower than fp32 on most CPUs"})
+
+    ckpt = None
+    if not resume and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+    if resume:
+        ckpt_path = run_dir / "last.pt"
+        if not ckpt_path.is_file():
+            raise UserError(f"--resume: no last.pt in {run_dir}")
+        ckpt = load_checkpoint(ckpt_path)
+
+    data = open_data(cfg, progress=lambda done, total: emit("tokenize", {"done": done, "total": total}))
+    if ckpt is not None and ckpt["tokenizer"] != data.tokenizer_json:
+        raise UserError("--resume: the data's tokenizer differs from the checkpoint's")
+    cfg.model.vocab_size = data.meta["vocab_size"]
+    byte_lengths = data.byte_lengths()
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    model.grad_checkpointing = t.grad_checkpointing
+    optimizer = make_optimizer(model, cfg, device)
+    data_gen = torch.Generator().manual_seed(t.seed)
+    step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, float("inf")
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"--resume: checkpoint does not match the config: {str(e).splitlines()[0]}")
+        loop = ckpt["loop"]
+        step, tokens_seen, elapsed_before, best_val = loop["step"], loop["tokens"], loop["elapsed"], loop["best_val_loss"]
+        torch.set_rng_state(loop["rng_cpu"])
+        data_gen.set_state(loop["rng_data"])
+        if device.startswith("cuda") and loop.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(loop["rng_cuda"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    fwd_model = torch.compile(model) if t.compile else model
+    ctx = autocast_for(device, dtype)
+    B, T, A = t.batch_size, cfg.model.block_size, t.grad_accum
+    tokens_per_step = B * T * A
+    moe = cfg.model.arch == "moe"
+
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if resume else None)
+
+    def state(best: float) -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": cfg.to_dict(),
+            "tokenizer": data.tokenizer_json,
+            "data": dict(data.meta),
+            "loop": {
+                "step": step, "tokens": tokens_seen, "elapsed": elapsed, "best_val_loss": best,
+                "rng_cpu": torch.get_rng_state(), "rng_data": data_gen.get_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None,
+            },
+        }
+
+    @torch.no_grad()
+    def quick_val() -> dict:
+        """Validation on eval_iters fixed batches: loss and bits per byte."""
+        model.eval()
+        g = torch.Generator().manual_seed(EVAL_SEED)
+        blen = torch.tensor(byte_lengths, dtype=torch.float64, device=device)
+        nll = nbytes = count = 0.0
+        for _ in range(t.eval_iters):
+            x, y = get_batch(data.val, B, T, g)
+            a, b, c = nll_and_bytes(fwd_model, x.to(device), y.to(device), blen, ctx)
+            nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
+        model.train()
+        return {"loss": nll / count, "bpb": nll / (math.log(2) * nbytes)}
+
+    emit("start", {"run_dir": str(run_dir), "device": device, "dtype": str(dtype).replace("torch.", ""),
+                   "params": model.num_params(), "active_params": model.num_params(active=True),
+                   "step": step, "max_steps": t.max_steps, "max_minutes": t.max_minutes,
+                   "tokens_per_step": tokens_per_step, "train_tokens": len(data.train)})
+
+    model.train()
+    start = time.perf_counter()
+    elapsed = elapsed_before
+    stopped = "done"
+    last_log_time, last_log_tokens = start, tokens_seen
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    with _StopFlag() as stop:
+        while run_progress(step, elapsed, cfg) < 1.0:
+            lr = lr_at(run_progress(step, elapsed, cfg), cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loads = None
+            aux_sum = torch.zeros((), device=device)
+            for _ in range(A):
+                x, y = get_batch(data.train, B, T, data_gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with ctx:
+                    out = fwd_model(x, y)
+                aux_loss = out.aux.get("loss", torch.zeros((), device=device))
+                ((out.loss + aux_loss) / A).backward()
+                loss_sum += out.loss.detach() / A
+                aux_sum += aux_loss.detach() / A
+                if moe:
+                    step_loads = [s["tokens_per_expert"] for s in out.aux["routing"]]
+                    loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if moe and cfg.model.bias_update_rate > 0:
+                model.update_router_bias(loads)
+            step += 1
+            loss_count += 1
+            tokens_seen += tokens_per_step
+            elapsed = elapsed_before + time.perf_counter() - start
+
+            if step % t.log_interval == 0 or run_progress(step, elapsed, cfg) >= 1.0:
+                train_loss = (loss_sum / loss_count).item()  # the only host sync, once per log
+                loss_sum.zero_()
+                loss_count = 0
+                if not math.isfinite(train_loss) or not math.isfinite(grad_norm.item()):
+                    stopped = "diverged"
+                    emit("diverged", {"step": step, "loss": train_loss})
+                    break
+                now = time.perf_counter()
+                tps = (tokens_seen - last_log_tokens) / max(1e-9, now - last_log_time)
+                last_log_time, last_log_tokens = now, tokens_seen
+                info = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                        "tokens_per_sec": tps, "progress": run_progress(step, elapsed, cfg), "elapsed": elapsed}
+                writer.add_scalar("train/loss", train_loss, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/grad_norm", info["grad_norm"], step)
+                writer.add_scalar("train/tokens_per_sec", tps, step)
+                if moe:
+                    info["imbalance"] = routing_summary(loads)
+                    log_routing(writer, out.aux, loads, aux_sum, step)
+                if emit("step", info):
+                    stop.requested = True
+
+            finished = run_progress(step, elapsed, cfg) >= 1.0
+            if step % t.eval_interval == 0 or finished:
+                val = quick_val()
+                if not math.isfinite(val["loss"]):
+                    stopped = "diverged"
+                    emit("diverged", {"step": step, "loss": val["loss"]})
+                    break
+                writer.add_scalar("val/loss", val["loss"], step)
+                writer.add_scalar("val/bpb", val["bpb"], step)
+                improved = val["loss"] < best_val
+                best_val = min(best_val, val["loss"])
+                save_checkpoint(state(best_val), run_dir / "last.pt")
+                if improved:
+                    save_checkpoint(state(best_val), run_dir / "best.pt")
+                emit("eval", {"step": step, **val, "best": improved})
+            elif t.ckpt_interval and step % t.ckpt_interval == 0:
+                save_checkpoint(state(best_val), run_dir / "last.pt")
+            if stop.requested:
+                stopped = "interrupted"
+                save_checkpoint(state(best_val), run_dir / "last.pt")
+                break
+    writer.flush()
+
+    result = TrainResult(run_dir, step, tokens_seen, elapsed, stopped, best_val_loss=best_val)
+    if stopped != "done":
+        writer.close()
+        return result
+    emit("final_eval", {})
+    result.val = evaluate_tokens(model, data.val, byte_lengths, T, batch_size=B, device=device, dtype=dtype)
+    writer.add_scalar("val/final_bpb", result.val["bpb"], step)
+    writer.close()
+    if t.sample_tokens > 0:
+        tok = data.tokenizer()
+        s = cfg.sample
+        g = torch.Generator(device=device).manual_seed(s.seed)
+        ids = list(generate(model, tok.encode(s.prompt).ids, t.sample_tokens, s.temperature, s.top_k, s.top_p,
+                            generator=g, device=device))
+        result.sample = s.prompt + tok.decode(ids)
+        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"--- step {step}, val bpb {result.val['bpb']:.4f}\n{result.sample}\n")
+    return result
+
+
+def log_routing(writer, aux: dict, loads: list[torch.Tensor], aux_sum: torch.Tensor, step: int) -> None:
+    """Per-layer routing scalars and load histograms (from the last micro-batch and the step's loads)."""
+    writer.add_scalar("moe/aux_total", aux_sum.item(), step)
+    for layer, stats, load in zip(aux["moe_layers"], aux["routing"], loads):
+        load = load.float()
+        tag = f"moe/layer{layer}"
+        writer.add_scalar(f"{tag}/imbalance", (load.max() / load.mean().clamp_min(1e-9)).item(), step)
+        writer.add_scalar(f"{tag}/dropped_frac", stats["dropped"].item() / stats["assignments"], step)
+        writer.add_scalar(f"{tag}/entropy", stats["entropy"].item(), step)
+        writer.add_scalar(f"{tag}/aux", stats["aux"].item(), step)
+        writer.add_scalar(f"{tag}/z", stats["z"].item(), step)
+        writer.add_histogram(f"{tag}/tokens_per_expert", load.cpu(), step)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from minideep_cli.config import Config, ModelConfig
+
+HOSTILE = (
+    "Héllo, wörld! Ça va? naïve café\n"
+    "日本語のテキスト、中文字符。한국어\n"
+    "emoji 🎉👩‍👩‍👧‍👦🚀 flags 🇫🇷\n"
+    "tabs\there\t\tand CRLF\r\nlines\r\n"
+    "  leading spaces, trailing   \n\n\n"
+    "control \x01\x02\x7f and zero-width \u200b joiner\n"
+    "<|endoftext|> appears in plain text too\n"
+    "math ∑∫√∞ ≠ ≤ and combining e\u0301\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test gets its own cache dir and working dir; nothing touches ~/.cache or the repo."""
+    monkeypatch.setenv("MINIDEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus_text():
+    from minideep_cli.data import bundled_corpus
+
+    return bundled_corpus().read_text()[:120_000]
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, corpus_text):
+    """A small tokenized data dir (120k chars of Shakespeare, vocab 300), made once."""
+    from minideep_cli.data import tokenize_text
+
+    out = tmp_path_factory.mktemp("data") / "tokens"
+    tokenize_text(corpus_text, out, vocab_size=300, source="test")
+    return out
+
+
+def tiny_model_cfg(arch: str, **kw) -> ModelConfig:
+    base = dict(arch=arch, vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    if arch == "moe":
+        base.update(n_kv_head=2, n_experts=4, top_k=2, capacity_factor=1.0, router_noise="none")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_train_cfg(data_dir, arch="moe", **train) -> Config:
+    cfg = Config()
+    cfg.model = tiny_model_cfg(arch, block_size=32)
+    cfg.data.dir = str(data_dir)
+    t = dict(batch_size=8, max_steps=20, max_minutes=0, lr=3e-3, eval_interval=10, eval_iters=2,
+             log_interval=1, sample_tokens=0, warmup=0.1)
+    t.update(train)
+    for k, v in t.items():
+        setattr(cfg.train, k, v)
+    return cfg

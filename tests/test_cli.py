@@ -1,0 +1,144 @@
+"""The commands end to end through typer's CliRunner, and what bad input gets back."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minideep_cli.cli import app
+
+runner = CliRunner()
+TINY = ["-o", "model.n_layer=1", "-o", "model.n_embd=32", "-o", "model.block_size=32", "-o", "train.batch_size=4",
+        "-o", "train.max_minutes=0", "-o", "train.max_steps=6", "-o", "train.eval_interval=3",
+        "-o", "train.eval_iters=1", "-o", "train.sample_tokens=8", "-o", "model.n_experts=4"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *needles):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """tokenize -> train (moe) through the CLI, once for the module."""
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "in.txt"
+    from minideep_cli.data import bundled_corpus
+    text.write_text(bundled_corpus().read_text()[:60000])
+    r = invoke("tokenize", text, "--vocab-size", 300, "--out", root / "data")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--preset", "cpu", "--data", root / "data", "--out", root / "run", *TINY)
+    assert r.exit_code == 0, r.output
+    return root, r
+
+
+def test_help_lists_every_command_and_examples():
+    r = invoke("--help")
+    for cmd in ["tokenize", "train", "eval", "sample", "inspect-routing", "bench"]:
+        assert cmd in r.output
+    assert "not yet available" in r.output
+    for cmd in ["tokenize", "train", "eval", "sample"]:
+        assert "Example" in invoke(cmd, "--help").output
+    assert invoke("--version").output.startswith("minideep ")
+
+
+def test_train_prints_bpb_and_sample_and_saves_config(trained):
+    root, r = trained
+    assert "val bits per byte" in r.output and "sample:" in r.output
+    assert {"best.pt", "last.pt", "config.yaml", "samples.txt"} <= {p.name for p in (root / "run").iterdir()}
+    assert any((root / "run" / "tb").iterdir())
+
+
+def test_eval_json_and_text(trained):
+    root, _ = trained
+    r = invoke("eval", root / "run", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["bpb"] > 0 and res["tokens"] > 0
+    (root / "held.txt").write_text("To be, or not to be: that is the question.\n")
+    r = invoke("eval", root / "run" / "last.pt", "--text", root / "held.txt")
+    assert r.exit_code == 0 and "bits per byte" in r.output
+
+
+def test_sample_streams_with_and_without_cache(trained):
+    root, _ = trained
+    a = invoke("sample", root / "run", "--prompt", "KING:", "--max-new-tokens", 20, "--temperature", 0)
+    b = invoke("sample", root / "run", "--prompt", "KING:", "--max-new-tokens", 20, "--temperature", 0, "--no-cache")
+    assert a.exit_code == 0 and a.stdout.startswith("KING:") and a.stdout == b.stdout
+    c = invoke("sample", root / "run", "--num-samples", 2, "--max-new-tokens", 5, "--top-p", 0.9, "--top-k", 10)
+    assert c.exit_code == 0 and c.stdout.count("--- sample") == 2
+
+
+def test_resume_through_the_cli(trained, tmp_path):
+    import shutil
+    root, _ = trained
+    shutil.copytree(root / "run", tmp_path / "run")
+    r = invoke("train", "--resume", "--out", tmp_path / "run", "-o", "train.max_steps=9")
+    assert r.exit_code == 0, r.output
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["loop"]["step"] == 9
+
+
+def test_bad_input_files(tmp_path):
+    assert_clean_error(invoke("tokenize", tmp_path / "missing.txt"), "not found")
+    (tmp_path / "empty.txt").write_text("")
+    assert_clean_error(invoke("tokenize", tmp_path / "empty.txt"), "empty")
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 10)
+    assert_clean_error(invoke("tokenize", tmp_path / "bin.dat"), "binary")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert_clean_error(invoke("tokenize", tmp_path / "latin1.txt"), "UTF-8")
+
+
+def test_bad_options(tmp_path):
+    assert_clean_error(invoke("train", "--preset", "laptop"), "unknown preset")
+    assert_clean_error(invoke("train", "-o", "train.lrr=1"), "did you mean 'train.lr'")
+    assert_clean_error(invoke("train", "--arch", "rnn"), "unknown arch")
+    assert_clean_error(invoke("train", "-o", "model.top_k=9", "-o", "model.n_experts=4"), "top_k")
+    assert_clean_error(invoke("train", "--config", tmp_path / "nope.yaml"), "not found")
+    assert_clean_error(invoke("inspect-routing"), "not yet available")
+
+
+def test_bad_checkpoints_leave_files_untouched(trained, tmp_path):
+    root, _ = trained
+    good = (root / "run" / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"\x00\x01garbage" * 100)
+    (tmp_path / "notes.txt").write_text("just text\n")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    before = digest(tmp_path)
+    for name in ["truncated.pt", "garbage.pt", "notes.txt", "other.pt"]:
+        for cmd in (["eval"], ["sample", "--max-new-tokens", "3"]):
+            assert_clean_error(invoke(*cmd[:1], tmp_path / name, *cmd[1:]), name)
+    assert_clean_error(invoke("eval", tmp_path / "missing.pt"), "not found")
+    assert digest(tmp_path) == before
+
+
+def test_failed_train_leaves_an_existing_run_untouched(trained):
+    root, _ = trained
+    before = digest(root / "run")
+    assert_clean_error(invoke("train", "--out", root / "run", "-o", "train.nope=1"), "unknown key")
+    assert_clean_error(invoke("train", "--out", root / "run"), "already holds a run")
+    assert digest(root / "run") == before
+    assert_clean_error(invoke("train", "--out", root / "new", "--data", root / "missing"), "not a tokenized data dir")
+    assert not (root / "new").exists()
+
+
+def test_tokenize_failure_leaves_existing_data_untouched(trained):
+    root, _ = trained
+    before = digest(root / "data")
+    assert_clean_error(invoke("tokenize", root / "nothing.txt", "--out", root / "data"), "not found")
+    assert digest(root / "data") == before
