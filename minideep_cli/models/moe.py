@@ -144,6 +144,8 @@ class MoE(nn.Module):
             "dropped": (~keep).sum().detach(),
             "assignments": N * k,
             "expert_ids": expert_ids.detach(),  # (N, k), tokens in (b, t) order
+            "gates": gates.detach(),  # (N, k) weights of the chosen experts
+            "probs": probs.detach(),  # (N, E) router probabilities (normalised scores for sigmoid)
             "kept": keep_tc.detach(),  # (N, k) False where capacity dropped the assignment
             "entropy": entropy.detach(),
             "aux": aux.detach(),
