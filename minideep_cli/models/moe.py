@@ -28,6 +28,17 @@ from .layers import SwiGLU
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
+def grouped_mm_ok(x: torch.Tensor, dtype: torch.dtype, *dims: int) -> bool:
+    """torch's grouped matmul runs on CPU (any float dtype) and on CUDA for bf16 on SM >= 80 with
+    16-byte aligned rows; elsewhere the experts run in a loop (over experts, never tokens)."""
+    if not HAS_GROUPED_MM:
+        return False
+    if x.device.type == "cpu":
+        return True
+    return (x.is_cuda and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and all(d % 8 == 0 for d in dims))
+
+
 def switch_aux_loss(probs: torch.Tensor, counts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """E * sum_i f_i * P_i, f_i = share of the N*k assignments given to expert i, P_i = mean router
     probability of expert i; exactly 1.0 when routing is uniform, for any k. probs (N, E), counts (E,)."""
@@ -83,8 +94,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
-        if HAS_GROUPED_MM:
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
             offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
             x = x.to(dtype)
             h = F.silu(F.grouped_mm(x, self.w1.to(dtype), offs=offs)) * F.grouped_mm(x, self.w3.to(dtype), offs=offs)
