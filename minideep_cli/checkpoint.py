@@ -4,7 +4,9 @@ A checkpoint is a dict of plain tensors, numbers, strings, lists and dicts:
   kind, format, model (state dict), optimizer (state dict or None), config (resolved, as a dict),
   tokenizer (the tokenizer JSON), loop (step, tokens, elapsed seconds, best val loss, RNG states,
   data position), data (meta.json of the data it trained on).
-It is loaded with torch.load(weights_only=True), so a file can never execute code.
+It is loaded with torch.load(weights_only=True), so a file can never execute code. A folder
+written by `minideep export --format safetensors` (JSON + safetensors, see export.py) loads into
+the same dict, with no optimizer state.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     import torch
 
     p = Path(path)
+    if p.is_dir():
+        from .export import is_export_dir, load_export
+
+        if is_export_dir(p):  # a `minideep export --format safetensors` folder: JSON + safetensors
+            return load_export(p)
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
     with open(p, "rb") as f:
@@ -68,7 +75,10 @@ def newest_run(runs_dir: str | os.PathLike = "runs") -> Optional[Path]:
 
 
 def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
-    """A checkpoint file, or a run dir (its best.pt, else last.pt), or None = newest run in runs/."""
+    """A checkpoint file, or a run dir (its best.pt, else last.pt), or a safetensors export folder
+    (or its model.safetensors), or None = newest run in runs/."""
+    from .export import is_export_dir
+
     if path is None:
         run = newest_run()
         if run is None:
@@ -76,6 +86,10 @@ def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
         p = run
     else:
         p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors" and is_export_dir(p.parent):
+        p = p.parent
+    if p.is_dir() and is_export_dir(p):
+        return p
     if p.is_dir():
         order = ["best.pt", "last.pt"] if prefer == "best" else ["last.pt", "best.pt"]
         for name in order:

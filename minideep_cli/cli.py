@@ -90,33 +90,96 @@ def _console():
 @guarded
 def tokenize(
     ctx: typer.Context,
-    file: Annotated[Optional[Path], typer.Argument(help="UTF-8 text file; default: the bundled tiny Shakespeare.")] = None,
+    files: Annotated[Optional[List[Path]], typer.Argument(
+        help="Text, JSONL or parquet files, or folders of them; default: the bundled tiny Shakespeare.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="A Hugging Face dataset (streamed; needs the `hf` extra) or a local dataset folder.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The dataset's configuration, e.g. sample-10BT.")] = None,
+    split: Annotated[str, typer.Option(help="The dataset split to read.")] = "train",
+    text_column: Annotated[str, typer.Option(help="The text field of JSONL, parquet and dataset rows.")] = "text",
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (256 bytes + merges + <|endoftext|>).")] = 2048,
     out: Annotated[Path, typer.Option(help="Output data dir.")] = Path("data/tokens"),
-    val_fraction: Annotated[float, typer.Option(help="The last fraction of the text kept for validation.")] = 0.1,
+    val_fraction: Annotated[float, typer.Option(help="One text file: the last fraction kept for validation.")] = 0.1,
+    shard_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens per train shard [default: 100M].")] = None,
+    val_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens of the validation shard [default: 10M].")] = None,
+    tokenizer_sample_bytes: Annotated[Optional[int], typer.Option(
+        help="Sharded: train the tokenizer on the first this many bytes of text [default: 100M].")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Sharded: stop after this many tokens in all.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Encoding processes [default: CPU cores - 1].")] = None,
 ):
     """Train a byte-level BPE and encode a corpus into train/val token files.
 
-    Example: [bold]minideep tokenize input.txt --vocab-size 4096 --out data/mytext[/bold]
-    then [bold]minideep train --data data/mytext[/bold].
-    """
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+    One text file gives train.bin/val.bin (validation = the last 10%). Many documents (several
+    files, folders, JSONL, parquet, --dataset) give token shards, validation first, each
+    document after an <|endoftext|>; rerunning an interrupted command resumes at the last
+    complete shard.
 
-    from .data import bundled_corpus, read_text_file, tokenize_text
+    Example: [bold]minideep tokenize input.txt --vocab-size 4096 --out data/mytext[/bold]
+    then [bold]minideep train --data data/mytext[/bold] ·
+    [bold]minideep tokenize --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --vocab-size 32768 --out data/fineweb[/bold]
+    """
+    import os
+
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from .data import (Source, bundled_corpus, find_files, read_text_file, tokenize_source, tokenize_text)
 
     if vocab_size < 257:
         raise UserError("--vocab-size must be at least 257 (256 bytes + <|endoftext|>)")
     if not 0 < val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
-    src = file or bundled_corpus()
-    text = read_text_file(src)
-    with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("encoding", total=len(text))
-        meta = tokenize_text(text, out, vocab_size, val_fraction, str(src),
-                             progress=lambda done, total: bar.update(task, completed=done))
-    print(f"wrote {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens "
-          f"({meta['train_bytes']:,} bytes), val {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes)")
+    if dataset and files:
+        raise UserError("give input files or --dataset, not both")
+    sharding = (shard_tokens, val_tokens, tokenizer_sample_bytes, max_tokens)
+    paths = find_files(files) if files else []
+    single = not dataset and len(paths) <= 1 and all(v is None for v in sharding) and not (
+        paths and (files[0].is_dir() or paths[0].name.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet"))))
+    if single:
+        src = paths[0] if paths else bundled_corpus()
+        text = read_text_file(src)
+        with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("encoding", total=len(text))
+            meta = tokenize_text(text, out, vocab_size, val_fraction, str(src),
+                                 progress=lambda done, total: bar.update(task, completed=done))
+        print(f"wrote {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens "
+              f"({meta['train_bytes']:,} bytes), val {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes)")
+        return
+
+    source = Source(files=paths, dataset=dataset or "", name=name, split=split, text_column=text_column)
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
+    for opt, v in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens),
+                   ("--tokenizer-sample-bytes", tokenizer_sample_bytes), ("--max-tokens", max_tokens)):
+        if v is not None and v <= 0:
+            raise UserError(f"{opt} must be positive")
+    first: dict = {}
+
+    def show(info: dict) -> None:
+        if info["phase"] == "tokenizer":
+            bar.update(task, info=f"training the tokenizer on up to {info['bytes'] / 1e6:,.0f} MB of text")
+        elif info["phase"] == "encode":
+            el, f = info["elapsed"], info["fraction"]
+            text = (f"{info['documents']:,} docs  {info['tokens']:,} tokens  "
+                    f"{info['bytes'] / 1e6 / max(el, 1e-9):,.1f} MB/s")
+            first.setdefault("f", f or 0.0)
+            first.setdefault("t", el)
+            if f and f > first["f"] and el > first["t"]:
+                eta = (1 - f) * (el - first["t"]) / (f - first["f"])
+                text += f"  ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400 else f'{eta / 86400:.1f} days'}"
+            bar.update(task, completed=1000 * f if f else 0, info=text)
+
+    with Progress(TextColumn("[bold]tokenize"), BarColumn(), TextColumn("{task.fields[info]}"), transient=True) as bar:
+        task = bar.add_task("tokenize", total=1000, info="reading")
+        meta = tokenize_source(
+            source, out, vocab_size,
+            shard_tokens=shard_tokens or 100_000_000, val_tokens=val_tokens or 10_000_000,
+            tokenizer_sample_bytes=tokenizer_sample_bytes or 100_000_000, max_tokens=max_tokens or 0,
+            workers=workers or max(1, (os.cpu_count() or 2) - 1), progress=show)
+    n_train = sum(1 for s in meta["shards"] if s["split"] == "train")
+    print(f"wrote {out}: vocab {meta['vocab_size']}, {meta['documents']:,} documents, "
+          f"train {meta['train_tokens']:,} tokens in {n_train} shards ({meta['train_bytes']:,} bytes), "
+          f"val {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes)")
 
 
 # ---------------------------------------------------------------- train
@@ -162,7 +225,8 @@ class TrainView:
                 budget.append(f"{info['max_minutes']:g} min")
             c.print(f"run dir {info['run_dir']}  device {info['device']} ({info['dtype']})  "
                     f"params {info['params'] / 1e6:.2f}M (active {info['active_params'] / 1e6:.2f}M)  "
-                    f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}")
+                    f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}"
+                    + (f"  {info['world']} ranks ({info['distributed']})" if info.get("world", 1) > 1 else ""))
             self.bar.start()
             self.task = self.bar.add_task("train", total=1000, info="")
         elif kind == "step":
@@ -203,7 +267,8 @@ def train(
     Examples: [bold]minideep train[/bold] ·
     [bold]minideep train --arch gpt2 -o train.max_minutes=5[/bold] ·
     [bold]minideep train --preset rtx3060 --data data/mytext --out runs/big[/bold] ·
-    [bold]minideep train --resume --out runs/big -o train.max_steps=20000[/bold]
+    [bold]minideep train --resume --out runs/big -o train.max_steps=20000[/bold] ·
+    [bold]torchrun --nproc_per_node=4 -m minideep_cli train --data data/fineweb -o train.distributed=fsdp[/bold]
     """
     from .checkpoint import load_checkpoint, newest_run
     from .config import Config, parse_override, resolve_config, set_value, validate
@@ -237,6 +302,10 @@ def train(
         result = run_train(cfg, run_dir, resume=resume, on_event=view)
     finally:
         view.close()
+    if not result.main:  # torchrun: rank 0 reports for every rank
+        if result.stopped == "diverged":
+            raise typer.Exit(1)
+        return
     if result.stopped == "interrupted":
         console.print(f"stopped at step {result.step}; saved {result.run_dir / 'last.pt'} "
                       f"(continue with: minideep train --resume --out {result.run_dir})")
@@ -245,7 +314,8 @@ def train(
         raise typer.Exit(1)
     v = result.val
     console.print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed / 60:.1f} min")
-    console.print(f"[bold]val bits per byte {v['bpb']:.4f}[/bold]  (loss {v['loss']:.4f} nats/token, "
+    which = f"best checkpoint, step {result.val_step}" if result.val_step != result.step else f"step {result.step}"
+    console.print(f"[bold]val bits per byte {v['bpb']:.4f}[/bold]  ({which}; loss {v['loss']:.4f} nats/token, "
                   f"perplexity {v['perplexity']:.2f}, {v['tokens']:,} tokens)")
     console.print(f"checkpoints: {result.run_dir / 'best.pt'}, {result.run_dir / 'last.pt'}")
     if result.sample:
@@ -328,10 +398,16 @@ def sample(
     num_samples: Annotated[int, typer.Option(help="How many samples.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context each token (for checking).")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    show_routing: Annotated[bool, typer.Option("--show-routing", help="Live view: each token's expert path, "
+                                               "router probabilities, running load, entropy, top predictions.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="With --show-routing: one tab-separated line per token "
+                                        "instead of the live panel (for pipes); implies --show-routing.")] = False,
 ):
     """Generate text from a checkpoint, streaming tokens as they come (with a KV cache).
 
-    Example: [bold]minideep sample runs/20260101-120000-moe --prompt "ROMEO:" --temperature 0.7 --top-k 50[/bold]
+    Example: [bold]minideep sample runs/20260101-120000-moe --prompt "ROMEO:" --temperature 0.7 --top-k 50[/bold] ·
+    live routing: [bold]minideep sample runs/mine --prompt "ROMEO:" --show-routing[/bold] ·
+    one line per token: [bold]minideep sample runs/mine --max-new-tokens 20 --plain | cut -f3,6-[/bold]
     """
     import codecs
 
@@ -354,6 +430,10 @@ def sample(
     pieces = token_bytes(tok)
     prompt_ids = tok.encode(prompt).ids
     g = torch.Generator(device=dev).manual_seed(seed)
+    if show_routing or plain:
+        return _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_samples, plain,
+                               dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
+                                    use_cache=not no_cache, device=dev))
     for n in range(num_samples):
         if num_samples > 1:
             print(f"--- sample {n + 1}")
@@ -365,27 +445,275 @@ def sample(
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
 
 
-# ---------------------------------------------------------------- not yet available
+def _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_samples, plain, sampling):
+    """sample --show-routing: a live panel (or --plain lines) fed by generate_steps."""
+    import codecs
+
+    from .generate import generate_steps
+    from .models.transformer import is_moe_layer
+    from .routing import summarize_step, vocab_texts
+    from .views.live import LivePanel, plain_line
+
+    vocab_text = vocab_texts(pieces)
+    moe = cfg.model.arch == "moe"
+    n_experts = cfg.model.n_experts if moe else 0
+    moe_layers = [i for i in range(cfg.model.n_layer) if moe and is_moe_layer(cfg.model, i)]
+    note = None if moe else (
+        f"{cfg.model.arch} is a dense model: it has no experts to route to, so only the text and the "
+        "predictions are shown")
+    console = _console()
+    if note and plain:
+        print(f"note: {note}", file=sys.stderr)
+    for n in range(num_samples):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        views = (summarize_step(i + 1, s.token, s.logits, s.routing(), s.moe_layers, decoder.decode(pieces[s.token]),
+                                n_experts)
+                 for i, s in enumerate(generate_steps(model, prompt_ids, max_new_tokens, **sampling)))
+        if plain:
+            if num_samples > 1:
+                print(f"--- sample {n + 1}")
+            for sv in views:
+                print(plain_line(sv, vocab_text), flush=True)
+            continue
+        from rich.live import Live
+
+        panel = LivePanel(prompt, vocab_text, moe_layers, n_experts, max_new_tokens, note)
+        if num_samples > 1:
+            console.print(f"--- sample {n + 1}")
+        with Live(panel, console=console, refresh_per_second=4, transient=False):
+            for sv in views:
+                panel.add(sv)
 
 
 @app.command("inspect-routing")
 @guarded
-def inspect_routing(ctx: typer.Context, ckpt: Annotated[Optional[Path], typer.Argument()] = None):
-    """(not yet available) See which experts each token uses: terminal, live, HTML report.
+def inspect_routing(
+    ctx: typer.Context,
+    ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint file or run dir (its best.pt); with --history a "
+                                                   "run dir. Default: the newest run in runs/.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Route this UTF-8 text file.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Route this text.")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="Block index of the MoE layer that colours the text and whose "
+                                                 "experts are detailed; default: the last MoE layer.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every number to this JSON file "
+                                                     "(stable keys, schema minideep.routing/1).")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML report (no network).")] = None,
+    history: Annotated[bool, typer.Option("--history", help="How balance evolved over the run's training, from "
+                                          "its TensorBoard logs.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Route at most this many tokens of the text.")] = 20000,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+):
+    """See which experts each token uses: loads, balance, entropy, drops, specialisation, paths.
 
-    Example (once available): [bold]minideep inspect-routing runs/20260101-120000-moe --html report.html[/bold]
+    Routes a text (default: the start of the checkpoint's validation data) and shows per MoE layer
+    tokens per expert, imbalance, router entropy, drops at the training capacity and gate weights;
+    the text coloured by expert; what each expert receives; expert pairs and paths.
+
+    Example: [bold]minideep inspect-routing runs/20260101-120000-moe --layer 2 --html report.html[/bold] ·
+    over training: [bold]minideep inspect-routing runs/20260101-120000-moe --history[/bold]
     """
-    raise UserError("inspect-routing is not yet available in this version")
+    if history:
+        if text or prompt or html or layer is not None:
+            raise UserError("--history reads the training logs; it takes no --text, --prompt, --layer or --html")
+        return _routing_history(ckpt, json_out)
+    import numpy as np
+
+    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from .data import open_or_none, read_text_file
+    from .models.transformer import is_moe_layer
+    from .routing import Source, analyze, collect_routing, model_info
+    from .tokenizer import load_tokenizer, split_chunks, token_bytes
+    from .train import pick_device, pick_dtype
+    from .views.terminal import render_report
+
+    if text and prompt is not None:
+        raise UserError("give --text or --prompt, not both")
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    for out in (json_out, html):
+        if out is not None and not out.parent.is_dir():
+            raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    path = resolve_checkpoint(str(ckpt) if ckpt else None)
+    state = load_checkpoint(path)
+    dev = pick_device(device)
+    model, cfg = model_from_checkpoint(state, dev)
+    moe_blocks = [i for i in range(cfg.model.n_layer) if cfg.model.arch == "moe" and is_moe_layer(cfg.model, i)]
+    if not moe_blocks:
+        raise UserError(f"{path} is a dense {cfg.model.arch} model with no experts: there is no routing to inspect "
+                        "(sample --show-routing shows its predictions)")
+    if layer is not None and layer not in moe_blocks:
+        raise UserError(f"--layer {layer} is not an MoE layer; the MoE layers are {', '.join(map(str, moe_blocks))}")
+    tok = load_tokenizer(state["tokenizer"])
+    if text or prompt is not None:
+        body = read_text_file(text) if text else prompt
+        ids = []
+        for chunk in split_chunks(body, 1 << 16):  # stop encoding once there are enough tokens
+            ids += tok.encode(chunk).ids
+            if len(ids) > max_tokens:
+                break
+        source = str(text) if text else "--prompt"
+    else:
+        dd = open_or_none(cfg)
+        if dd is None:
+            raise UserError("the checkpoint's training data is not on this machine; give --text or --prompt")
+        if dd.tokenizer_json != state["tokenizer"]:
+            raise UserError(f"{dd.dir} was tokenized with another tokenizer than this checkpoint's")
+        ids, source = dd.val, f"{dd.dir} (validation split)"
+    if len(ids) == 0:
+        raise UserError("the text is empty: nothing to route")
+    tokens = np.asarray(ids[:max_tokens], dtype=np.int64)
+    if len(ids) > max_tokens:
+        source += f", first {max_tokens:,} tokens"
+    console = _console()
+    progress = _progress_bar("routing")
+    with progress:
+        task = progress.add_task("routing", total=len(tokens))
+        trace = collect_routing(model, tokens, dev, dtype=pick_dtype(cfg.train.dtype, dev),
+                                progress=lambda done, total: progress.update(task, completed=done))
+    report = analyze(trace, token_bytes(tok), model_info(cfg, moe_blocks),
+                     Source(str(path), source, len(tokens)), layer)
+    render_report(console, report)
+    if json_out:
+        import json
+
+        _write_file(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        console.print(f"wrote {json_out}")
+    if html:
+        from .views.html import render_html
+
+        _write_file(html, render_html(report))
+        console.print(f"wrote {html}")
+
+
+def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
+    from .checkpoint import newest_run
+    from .routing import read_history
+    from .views.terminal import render_history
+
+    run = run or newest_run()
+    if run is None:
+        raise UserError("no run dir given and no runs under ./runs")
+    h = read_history(run)
+    render_history(_console(), h)
+    if json_out:
+        import json
+
+        _write_file(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
+
+
+def _progress_bar(what: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(f"[bold]{what}", BarColumn(), MofNCompleteColumn(), "tokens", TimeElapsedColumn(), "eta",
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+
+def _write_file(path: Path, text: str) -> None:
+    """Write to a temporary name beside path, then rename: a failure never leaves half a file."""
+    import os
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @app.command()
 @guarded
-def bench(ctx: typer.Context):
-    """(not yet available) Measure speed, memory and cache sizes on this machine.
+def bench(
+    ctx: typer.Context,
+    preset: Annotated[Optional[str], typer.Option(help="cpu | rtx3060 | a100 | seed; default: picked for this machine.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with model/data/train/sample sections.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="moe (default) or gpt2.")] = None,
+    attention: Annotated[Optional[str], typer.Option(help="gqa | mla | latent (moe arch) for the train section.")] = None,
+    override: Overrides = None,
+    section: Annotated[Optional[List[str]], typer.Option("--section", "-s", help="train | moe | decode | memory | "
+                       "tokenizer | peers, repeatable; default: all but peers.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repetitions and contexts (under 2 minutes on 2 cores).")] = False,
+    estimate_memory: Annotated[bool, typer.Option("--estimate-memory", help="Only predict peak training memory "
+                               "(nothing allocated, no device needed).")] = False,
+    device_memory: Annotated[Optional[str], typer.Option(help="Say whether the run fits this much, e.g. 12GB or 40GiB.")] = None,
+    compare_hf: Annotated[bool, typer.Option("--compare-hf", help="Add the peers section: the same models in "
+                          "Hugging Face transformers (needs transformers).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: torch's choice.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+):
+    """Measure speed, memory and cache sizes on this machine: medians after warm-up, ratios side by side.
 
-    Example (once available): [bold]minideep bench --quick[/bold]
+    Examples: [bold]minideep bench --quick[/bold] ·
+    [bold]minideep bench --preset cpu --arch gpt2 --compare-hf --json bench.json[/bold] ·
+    [bold]minideep bench --preset rtx3060 --estimate-memory --device-memory 12GB[/bold] ·
+    [bold]minideep bench -s decode -s moe --attention mla[/bold]
     """
-    raise UserError("bench is not yet available in this version")
+    import torch
+
+    from .bench import DEFAULT_SECTIONS, BenchOptions, bench_config, json_safe, parse_bytes, run_bench
+    from .config import resolve_config
+    from .views.bench import render_bench
+
+    overrides = list(override or [])
+    if attention:
+        overrides.append(f"model.attention={attention}")
+    if threads is not None:
+        if threads < 1:
+            raise UserError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+    name = preset or (None if config else auto_preset())
+    cfg = bench_config(resolve_config(name, str(config) if config else None, overrides, arch))
+    sections = tuple(section or (("memory",) if estimate_memory else DEFAULT_SECTIONS))
+    if compare_hf and "peers" not in sections:
+        sections += ("peers",)
+    opts = BenchOptions.for_run(quick, sections, device_memory=parse_bytes(device_memory) if device_memory else None,
+                                measure_memory=not estimate_memory)
+    peer_cfgs = None
+    if "peers" in sections:  # both arches of the preset: GPT2LMHeadModel and MixtralForCausalLM
+        peer_cfgs = {a: bench_config(resolve_config(name, str(config) if config else None, overrides if a == cfg.model.arch
+                                                    else [o for o in overrides if not o.startswith("model.attention")], a))
+                     for a in ("gpt2", "moe")}
+    console = _console()
+    result = run_bench(cfg, opts, name, peer_cfgs, on_event=lambda text: console.print(f"[dim]{text}[/dim]"))
+    render_bench(console, result)
+    if json_file:
+        json_file.write_text(json_safe(result))
+        console.print(f"wrote {json_file}")
+
+
+# ---------------------------------------------------------------- export
+
+
+@app.command()
+@guarded
+def export(
+    ctx: typer.Context,
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file, run dir (its best.pt) or a safetensors export folder.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (created; must be empty unless --force).")],
+    fmt: Annotated[str, typer.Option("--format", help="hf (transformers folder) | safetensors (minideep, no pickle).")] = "hf",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
+):
+    """Export a checkpoint: a Hugging Face folder, or plain safetensors + JSON config.
+
+    [bold]--format hf[/bold]: a transformers folder with the tokenizer (gpt2 -> GPT2, moe -> Mixtral, Qwen2-MoE, DeepSeek-V2/V3).
+    A configuration with no exactly equal transformers class is refused with the reason.
+    [bold]--format safetensors[/bold]: any model, no pickle; eval, sample and inspect-routing accept the folder.
+
+    Example: [bold]minideep export runs/20260101-120000-moe hf/mymoe[/bold], then
+    [bold]lm_eval --model hf --model_args pretrained=hf/mymoe --tasks hellaswag[/bold] ·
+    [bold]minideep export runs/mine shared/mine --format safetensors[/bold]
+    """
+    from .checkpoint import resolve_checkpoint
+    from .export import export_checkpoint
+
+    res = export_checkpoint(resolve_checkpoint(str(ckpt)), out_dir, fmt, force)
+    what = "minideep safetensors export" if res.format == "safetensors" else res.target
+    print(f"wrote {res.out_dir} ({what}, {res.params / 1e6:.2f}M parameters): {', '.join(res.files)}")
 
 
 def main():

@@ -23,6 +23,7 @@ import yaml
 from .errors import UserError
 
 ARCHES = ("gpt2", "moe")
+ATTENTIONS = ("gqa", "mla", "latent")  # model.attention (moe arch); gpt2 is always multi-head
 SECTIONS = ("model", "data", "train", "sample")
 
 
@@ -39,10 +40,18 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
     # moe transformer
     n_kv_head: int = 0  # 0 = n_head (plain multi-head attention)
-    attention: str = "gqa"  # gqa (more variants arrive with the attention issue)
+    attention: str = "gqa"  # gqa | mla | latent (design.md §4); moe arch only, gpt2 is always MHA
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     ffn_hidden: int = 0  # hidden width of dense SwiGLU layers; 0 = 8/3 * n_embd rounded to 16
+    # mla (attention: mla): caches kv_lora_rank + qk_rope_head_dim numbers per token per layer
+    q_lora_rank: int = 0  # low-rank query (down, RMSNorm, up) of this rank; 0 = one plain projection
+    kv_lora_rank: int = 64  # the per-token KV latent that is cached; K and V are up-projected from it
+    qk_nope_head_dim: int = 32  # per-head query/key width without position (from the latent)
+    qk_rope_head_dim: int = 16  # RoPE query/key width; the key part is one per token, shared by heads
+    v_head_dim: int = 32  # per-head value width
+    # latent (attention: latent): a fixed-size state, n_head * n_latents * (2 * head_dim + 2) fp32
+    n_latents: int = 16  # slots per head, each a causal softmax summary of the keys and values so far
     # moe: which layers are sparse
     n_experts: int = 8
     top_k: int = 2
@@ -95,6 +104,7 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 0  # steps between checkpoints; 0 = at each validation
     sample_tokens: int = 200  # length of the sample printed at the end; 0 = none
+    distributed: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard); one process: unused
 
 
 @dataclass
@@ -319,10 +329,23 @@ def validate(cfg: Config) -> None:
     kv = m.n_kv_head or m.n_head
     if m.n_head % kv:
         raise UserError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
-    if m.arch == "moe" and (m.n_embd // m.n_head) % 2:
+    if m.arch == "moe" and m.attention != "mla" and (m.n_embd // m.n_head) % 2:  # mla: qk_rope_head_dim
         raise UserError("model.n_embd / model.n_head must be even for RoPE")
-    if m.attention not in ("gqa",):
-        raise UserError(f"model.attention '{m.attention}' is not available yet; choose gqa")
+    if m.attention not in ATTENTIONS:
+        raise UserError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got '{m.attention}'")
+    if m.arch == "gpt2" and m.attention != "gqa":
+        raise UserError(f"model.attention={m.attention} is a moe-arch setting (gpt2 is always multi-head "
+                        "attention); set it under the moe: section or use --arch moe")
+    if m.attention == "mla":
+        if m.kv_lora_rank <= 0 or m.v_head_dim <= 0 or m.qk_rope_head_dim <= 0:
+            raise UserError("model.kv_lora_rank, model.v_head_dim and model.qk_rope_head_dim must be "
+                            "positive for mla")
+        if m.qk_rope_head_dim % 2:
+            raise UserError(f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for RoPE")
+        if m.q_lora_rank < 0 or m.qk_nope_head_dim < 0:
+            raise UserError("model.q_lora_rank and model.qk_nope_head_dim cannot be negative")
+    if m.attention == "latent" and m.n_latents <= 0:
+        raise UserError("model.n_latents must be positive for latent attention")
     if m.router not in ("softmax", "sigmoid"):
         raise UserError(f"model.router must be softmax or sigmoid, got '{m.router}'")
     if m.router_noise not in ("none", "jitter", "noisy_topk"):

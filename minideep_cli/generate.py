@@ -1,7 +1,13 @@
-"""Sampling, with a KV cache (or recomputing everything, for checking)."""
+"""Sampling, with a KV cache (or recomputing everything, for checking).
+
+`generate_steps` yields, for every new token, the token and what produced it: the logits it was
+sampled from and each MoE layer's routing of the position that predicted it (the live routing
+view reads these). `generate` yields only the ids.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -26,11 +32,31 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+@dataclass
+class Step:
+    token: int  # the id generation chose
+    logits: torch.Tensor  # (V,) fp32 logits it was chosen from (before temperature and filtering)
+    aux: dict  # the model's aux of the forward that produced it ("routing", "moe_layers")
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.aux.get("moe_layers", []))
+
+    def routing(self) -> dict:
+        """The MoE layers' choices at the position that predicted this token: expert_ids (L, k),
+        gates (L, k), probs (L, E), L = len(moe_layers); {} for a dense model. Computed on demand,
+        so plain sampling never pays for it."""
+        stats = self.aux.get("routing", [])
+        if not stats:
+            return {}
+        return {key: torch.stack([s[key][-1] for s in stats]) for key in ("expert_ids", "gates", "probs")}
+
+
 @torch.no_grad()
-def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, generator: Optional[torch.Generator] = None, use_cache: bool = True,
-             device: str = "cpu") -> Iterator[int]:
-    """Yield new token ids one at a time. With the cache, each step feeds only the newest token;
+def generate_steps(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                   device: str = "cpu") -> Iterator[Step]:
+    """Yield a Step per new token. With the cache, each step feeds only the newest token;
     when the context fills block_size, the cache is rebuilt from the last half of the context."""
     model.eval()
     block = model.cfg.block_size
@@ -38,15 +64,22 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache:
-            x = torch.tensor([ids[-block:]], device=device)
-            logits = model(x).logits[:, -1]
+            out = model(torch.tensor([ids[-block:]], device=device))
+        elif cache is None or cache.pos >= block:
+            ctx = ids[-(block // 2):] if cache is not None else ids[-block:]
+            cache = model.new_cache(1, block, device=device)
+            out = model(torch.tensor([ctx], device=device), cache=cache)
         else:
-            if cache is None or cache.pos >= block:
-                ctx = ids[-(block // 2):] if cache is not None else ids[-block:]
-                cache = model.new_cache(1, block, device=device)
-                logits = model(torch.tensor([ctx], device=device), cache=cache).logits[:, -1]
-            else:
-                logits = model(torch.tensor([ids[-1:]], device=device), cache=cache).logits[:, -1]
+            out = model(torch.tensor([ids[-1:]], device=device), cache=cache)
+        logits = out.logits[:, -1]  # (1, V)
         nxt = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
         ids.append(nxt)
-        yield nxt
+        yield Step(nxt, logits[0].float(), out.aux)
+
+
+def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, generator: Optional[torch.Generator] = None, use_cache: bool = True,
+             device: str = "cpu") -> Iterator[int]:
+    """Yield new token ids one at a time (see generate_steps)."""
+    for step in generate_steps(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, device):
+        yield step.token

@@ -88,3 +88,17 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(0.1, cfg) == pytest.approx(1.0)
     assert lr_at(0.55, cfg) == pytest.approx(0.55)
     assert lr_at(1.0, cfg) == pytest.approx(0.1)
+
+
+def test_final_evaluation_measures_the_best_checkpoint(tmp_path, small_data):
+    from minideep_cli.checkpoint import model_from_checkpoint
+    from minideep_cli.evaluate import evaluate_tokens
+
+    cfg = tiny_train_cfg(small_data, "gpt2", max_steps=30, eval_interval=5, lr=3e-2)
+    res = train(cfg, tmp_path / "run")
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert res.val_step == best["loop"]["step"]
+    model, _ = model_from_checkpoint(best)
+    d = TokenData.open(small_data)
+    again = evaluate_tokens(model, d.val, d.byte_lengths(), cfg.model.block_size, batch_size=cfg.train.batch_size)
+    assert again["bpb"] == pytest.approx(res.val["bpb"], rel=1e-6)

@@ -94,6 +94,15 @@ class GPT2(nn.Module):
         return Cache([KVCache(batch, self.cfg.n_head, max_len, hd, dtype or p.dtype, device or p.device)
                       for _ in range(self.cfg.n_layer)])
 
+    def cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one sequence's KV cache grows by per token, all layers: K and V, 2 * n_embd numbers."""
+        dtype = dtype or self.lm_head.weight.dtype
+        return self.cfg.n_layer * 2 * self.cfg.n_embd * dtype.itemsize
+
+    def cache_state_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the cache that do not grow with the sequence: none for GPT-2."""
+        return 0
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None) -> Output:
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
@@ -120,7 +129,8 @@ class GPT2(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 per matmul weight (lm_head included) + attention scores."""
+        """Training FLOPs per token: 6 per matmul weight (lm_head included; biases and LayerNorm
+        weights are no matmul weights) + attention scores q·k and p·v, 12 * n_embd * seq_len a layer."""
         c = self.cfg
-        matmul = self.num_params(embeddings=False) + c.vocab_size * c.n_embd
+        matmul = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() == 2) + c.vocab_size * c.n_embd
         return 6 * matmul + 12 * c.n_layer * c.n_embd * seq_len

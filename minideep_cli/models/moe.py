@@ -91,15 +91,17 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.grouped = True  # False: always the loop over experts (`minideep bench` times both)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
+        if self.grouped and grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
             offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
             x = x.to(dtype)
-            h = F.silu(F.grouped_mm(x, self.w1.to(dtype), offs=offs)) * F.grouped_mm(x, self.w3.to(dtype), offs=offs)
-            return F.grouped_mm(h, self.w2.to(dtype), offs=offs)
+            w13 = torch.cat([self.w1, self.w3], dim=2).to(dtype)  # (E, d, 2h): one matmul for both
+            g, u = F.grouped_mm(x, w13, offs=offs).chunk(2, dim=-1)  # (M, h) each
+            return F.grouped_mm(F.silu(g) * u, self.w2.to(dtype), offs=offs)
         out, start = [], 0  # fallback: a loop over experts (never over tokens)
         for e, n in enumerate(counts.tolist()):
             xe = x[start : start + n]
@@ -133,17 +135,16 @@ class MoE(nn.Module):
             prio = ((token % T) * B + token // T) * k + a % k
         e_flat = expert_ids.flatten()  # (N*k,)
         order = (e_flat * (N * k) + prio).argsort()  # (N*k,) grouped by expert, priority within
-        counts = torch.bincount(e_flat, minlength=E)  # (E,) assignments per expert
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, e_flat, torch.ones_like(e_flat))  # (E,)
         starts = counts.cumsum(0) - counts
         rank = torch.arange(N * k, device=x.device) - starts[e_flat[order]]  # place in its expert's queue
         capacity = capacity_for(cfg.capacity_factor if self.training else cfg.eval_capacity_factor, N, k, E)
         keep = rank < capacity if capacity is not None else torch.ones_like(rank, dtype=torch.bool)
 
         h = self.experts(flat[token[order]], counts)  # (N*k, d), expert-sorted
-        h = torch.empty_like(h).index_copy_(0, order, h)  # back to (token, choice) order
         keep_tc = torch.empty_like(keep).index_copy_(0, order, keep).view(N, k)
-        w = (gates * keep_tc).to(h.dtype)  # dropped assignments weigh 0: the token keeps the residual only
-        y = (h.view(N, k, d) * w.unsqueeze(-1)).sum(dim=1)  # (N, d)
+        w = (gates.flatten()[order] * keep).to(h.dtype)  # dropped assignments weigh 0: only the residual stays
+        y = h.new_zeros(N, d).index_add_(0, token[order], h * w.unsqueeze(-1))  # (N, d): add each token's k outputs
         if self.shared is not None:
             y = y + self.shared(flat)
 

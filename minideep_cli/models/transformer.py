@@ -1,5 +1,5 @@
-"""The MoE transformer: pre-RMSNorm blocks of attention and a feed-forward that is a sparse MoE
-or a dense SwiGLU, RoPE positions, tied or untied embeddings."""
+"""The MoE transformer: pre-RMSNorm blocks of attention (gqa | mla | latent, attention.py) and a
+feed-forward that is a sparse MoE or a dense SwiGLU, RoPE positions, tied or untied embeddings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from ..config import ModelConfig
-from .attention import Cache, GQAttention
+from .attention import Cache, build_attention, slot_decay_init
 from .layers import RMSNorm, SwiGLU, rope_tables
 from .moe import MoE
 from .output import Output, lm_loss
@@ -32,7 +32,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd)
-        self.attn = GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.dropout)
+        self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.n_embd)
         self.is_moe = is_moe_layer(cfg, layer)
         self.ffn = MoE(cfg, expert_hidden(cfg)) if self.is_moe else SwiGLU(cfg.n_embd, dense_hidden(cfg))
@@ -58,19 +58,25 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+        # RoPE width: the head dim (gqa, latent) or mla's qk_rope_head_dim; every block agrees
+        cos, sin = rope_tables(self.blocks[0].attn.rope_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
         self.init_weights()
 
     def init_weights(self):
-        """N(0, 0.02) for every matrix and the router; output projections (attention wo, SwiGLU and
-        expert w2) scaled by 1/sqrt(2 * n_layer); norms 1; the router's selection bias 0."""
+        """N(0, 0.02) for every matrix, the router and latent attention's slot latents; output
+        projections (attention wo, SwiGLU and expert w2) scaled by 1/sqrt(2 * n_layer); norms 1
+        (mla's q_norm and kv_norm too); latent attention's recency rates log-spaced
+        (slot_decay_init); the router's selection bias 0."""
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("slot_decay"):
+                with torch.no_grad():
+                    p.copy_(slot_decay_init(self.cfg.n_head, self.cfg.n_latents))
             elif name.endswith("noise_weight"):
                 nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
@@ -86,12 +92,24 @@ class MoETransformer(nn.Module):
         max_len = max_len or self.cfg.block_size
         return Cache([b.attn.new_cache(batch, max_len, dtype or p.dtype, device or p.device) for b in self.blocks])
 
+    def cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one sequence's decoding cache grows by per token, all layers (0 for latent)."""
+        dtype = dtype or self.tok_emb.weight.dtype
+        return sum(b.attn.cache_bytes_per_token(dtype) for b in self.blocks)
+
+    def cache_state_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of one sequence's cache that do not depend on its length, all layers (latent's
+        recurrent state; 0 for gqa and mla). new_cache(B, n).nbytes() is
+        B * (n * cache_bytes_per_token() + cache_state_bytes())."""
+        dtype = dtype or self.tok_emb.weight.dtype
+        return sum(b.attn.state_bytes(dtype) for b in self.blocks)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None) -> Output:
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} exceeds block_size {self.cfg.block_size}")
-        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, hs/2)
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, rope_dim/2)
         x = self.drop(self.tok_emb(idx))  # (B, T, d)
         routing, moe_layers = [], []
         for i, block in enumerate(self.blocks):
@@ -134,8 +152,10 @@ class MoETransformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 per active matmul weight (lm_head included) + attention scores."""
+        """Training FLOPs per token: 6 per active matmul weight (lm_head included) + attention scores.
+        Vectors (norm weights, latent attention's recency rates) are no matmul weights: not counted."""
         c = self.cfg
         tied_head = c.vocab_size * c.n_embd if c.tie_embeddings else 0  # removed with the embedding
-        matmul = self.num_params(active=True, embeddings=False) + tied_head
-        return 6 * matmul + 12 * c.n_layer * c.n_embd * seq_len
+        vectors = sum(p.numel() for p in self.parameters() if p.dim() < 2)
+        matmul = self.num_params(active=True, embeddings=False) + tied_head - vectors
+        return 6 * matmul + sum(b.attn.score_flops_per_token(seq_len) for b in self.blocks)

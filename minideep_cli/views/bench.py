@@ -1,0 +1,116 @@
+"""Rendering of `minideep bench` results (the plain dict minideep_cli.bench.run_bench returns) as
+rich tables. Nothing here measures anything."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _b(n) -> str:
+    """Bytes, human-readable (binary units)."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f}"
+
+
+def _x(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _table(title: str, *cols: str) -> Table:
+    t = Table(title=title, title_justify="left", title_style="bold")
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    return t
+
+
+def render_bench(console, r: dict) -> None:
+    console.print(f"minideep {r['minideep']} · torch {r['torch']} · device {r['device'] or '-'} · "
+                  f"{r['threads']} threads · preset {r['preset'] or '-'} · arch {r['arch']} ({r['attention']})"
+                  f"{' · quick' if r['quick'] else ''}")
+    if r["train"]:
+        t = r["train"]
+        tab = _table("train (one micro-batch step: forward, backward, clip, AdamW)", "model", "tokens/s", "step",
+                     "FLOPs/token", "achieved", "peak", "MFU")
+        tab.add_row(f"{t['params'] / 1e6:.2f}M params ({t['active_params'] / 1e6:.2f}M active), "
+                    f"{t['batch_size']}x{t['block_size']} {t['dtype']}",
+                    f"{t['tokens_per_sec']:,.0f}", f"{t['step_ms']:,.1f} ms", f"{t['flops_per_token'] / 1e6:,.1f}M",
+                    f"{t['achieved_tflops']:.3f} TFLOPS",
+                    "-" if t["peak_tflops"] is None else f"{t['peak_tflops']:.2f} TFLOPS",
+                    "-" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%")
+        console.print(tab)
+        console.print(f"  peak: {t['peak_source']}")
+    if r["moe"]:
+        tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
+                     "loop", "MoE / dense", "MoE / loop")
+        for row in r["moe"]["rows"]:
+            tab.add_row(f"{row['name']}: {row['tokens']:,} tokens, d {row['n_embd']}, {row['n_experts']} experts "
+                        f"top-{row['top_k']} (h {row['expert_hidden']}; dense h {row['dense_hidden']})",
+                        f"{row['moe_ms']:.1f} ms", f"{row['dense_ms']:.1f} ms", f"{row['loop_ms']:.1f} ms",
+                        _x(row["moe_vs_dense"]), _x(row["moe_vs_loop"]))
+        console.print(tab)
+    if r["decode"]:
+        d = r["decode"]
+        tab = _table(f"decode (greedy, batch 1, {d['dtype']})", "attention", "context", "cached tok/s",
+                     "recompute tok/s", "cache speedup")
+        for row in d["speed"]:
+            tab.add_row(row["attention"], str(row["context"]), f"{row['cached_tokens_per_sec']:,.1f}",
+                        f"{row['recompute_tokens_per_sec']:,.1f}", _x(row["speedup"]))
+        console.print(tab)
+        tab = _table("decoding cache per sequence", "attention", "per token", "fixed state", "per sequence",
+                     "vs gqa")
+        for row in d["cache"]:
+            tab.add_row(row["attention"], _b(row["bytes_per_token"]), _b(row["state_bytes"]),
+                        f"{_b(row['bytes_per_sequence'])} ({row['block_size']} tokens)", _x(row["vs_gqa"]))
+        console.print(tab)
+    if r["memory"]:
+        render_memory(console, r["memory"])
+    if r["tokenizer"]:
+        t = r["tokenizer"]
+        tab = _table("tokenizer (byte-level BPE, bundled corpus)", "corpus", "train", "encode", "bytes/token")
+        tab.add_row(f"{t['corpus_bytes'] / 1e6:.2f} MB, vocab {t['vocab_size']:,}", f"{t['train_sec']:.2f} s",
+                    f"{t['encode_mb_per_sec']:.2f} MB/s", f"{t['bytes_per_token']:.2f}")
+        console.print(tab)
+    if r["peers"]:
+        p = r["peers"]
+        tab = _table(f"peers: Hugging Face transformers {p['transformers']}, same model, same batch, same AdamW",
+                     "model", "minideep tok/s", "transformers tok/s", "minideep speedup")
+        for row in p["train"]:
+            tab.add_row(f"train {row['arch']} ({row['hf_class']}, {row['n_layer']}x{row['n_embd']})",
+                        f"{row['minideep_tokens_per_sec']:,.0f}", f"{row['hf_tokens_per_sec']:,.0f}", _x(row["speedup"]))
+        for row in p["decode"]:
+            tab.add_row(f"decode {row['arch']}, {row['context']} context, KV cache",
+                        f"{row['minideep_tokens_per_sec']:,.1f}", f"{row['hf_tokens_per_sec']:,.1f}", _x(row["speedup"]))
+        console.print(tab)
+    console.print(f"done in {r['elapsed_sec']:.1f} s")
+
+
+def render_memory(console, m: dict) -> None:
+    e = m["estimate"]
+    tab = _table(f"predicted peak training memory ({e['dtype']}, batch {e['batch_size']}x{e['block_size']}, "
+                 f"{e['params'] / 1e6:.1f}M params; nothing allocated)", "part", "bytes")
+    for label, key in (("weights (fp32)", "weights_bytes"), ("gradients (fp32)", "grads_bytes"),
+                       ("AdamW states (2 x fp32)", "adamw_bytes"), ("activations", "activations_bytes"),
+                       ("activations, gradient checkpointing", "activations_checkpointed_bytes"),
+                       ("logits and their gradients", "logits_bytes"), ("peak", "peak_bytes"),
+                       ("peak, gradient checkpointing", "peak_checkpointed_bytes")):
+        tab.add_row(label, _b(e[key]))
+    ck = "on" if e["grad_checkpointing"] else "off"
+    tab.add_row(f"[bold]predicted (checkpointing {ck} in this config)[/bold]", f"[bold]{_b(e['predicted_bytes'])}[/bold]")
+    console.print(tab)
+    if e["device_memory_bytes"] is not None:
+        verdict = "[green]fits[/green]" if e["fits"] else "[red]does not fit[/red]"
+        console.print(f"  {verdict} in {_b(e['device_memory_bytes'])}: margin {_b(e['margin_bytes'])} "
+                      "(fits = predicted peak <= 90% of the device)")
+    if m["checks"]:
+        tab = _table("estimate against a measured peak", "model", "checkpointing", "estimated", "measured", "error")
+        for c in m["checks"]:
+            tab.add_row(f"{c['model']} ({c['method']})", "on" if c["grad_checkpointing"] else "off",
+                        _b(c["estimated_bytes"]), _b(c["measured_bytes"]),
+                        "-" if c["error"] is None else f"{100 * c['error']:+.0f}%")
+        console.print(tab)

@@ -1,0 +1,216 @@
+"""`minideep bench`: FLOP counts by hand, the memory prediction against a measured peak, the presets'
+fit, and the JSON layout (exact key sets, each listed in the README). No timings are asserted."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_cfg
+from typer.testing import CliRunner
+
+from minideep_cli.bench import (BenchOptions, bench_config, bench_memory, estimate_memory, gpu_peak, parse_bytes,
+                                run_bench)
+from minideep_cli.cli import app
+from minideep_cli.config import Config, resolve_config
+from minideep_cli.errors import UserError
+from minideep_cli.models import build_model
+
+TOP = {"schema_version", "minideep", "torch", "python", "preset", "arch", "attention", "quick", "device", "threads",
+       "sections", "elapsed_sec", "train", "moe", "decode", "memory", "tokenizer", "peers"}
+TRAIN = {"device", "dtype", "threads", "params", "active_params", "batch_size", "block_size", "step_ms",
+         "tokens_per_sec", "flops_per_token", "achieved_tflops", "peak_tflops", "peak_source", "mfu"}
+MOE = {"rows"}
+MOE_ROW = {"name", "tokens", "n_embd", "n_experts", "top_k", "expert_hidden", "dense_hidden", "moe_ms", "dense_ms",
+           "loop_ms", "moe_vs_dense", "moe_vs_loop"}
+DECODE = {"dtype", "speed", "cache"}
+DECODE_SPEED = {"attention", "context", "cached_tokens_per_sec", "recompute_tokens_per_sec", "speedup"}
+DECODE_CACHE = {"attention", "bytes_per_token", "state_bytes", "bytes_per_sequence", "block_size", "vs_gqa"}
+MEMORY = {"estimate", "checks"}
+MEMORY_ESTIMATE = {"dtype", "batch_size", "block_size", "params", "weights_bytes", "grads_bytes", "adamw_bytes",
+                   "activations_bytes", "activations_checkpointed_bytes", "logits_bytes", "peak_bytes",
+                   "peak_checkpointed_bytes", "grad_checkpointing", "predicted_bytes", "device_memory_bytes", "fits",
+                   "margin_bytes"}
+MEMORY_CHECK = {"model", "grad_checkpointing", "estimated_bytes", "measured_bytes", "error", "method"}
+TOKENIZER = {"corpus_bytes", "vocab_size", "train_sec", "encode_mb_per_sec", "tokens", "bytes_per_token"}
+PEERS = {"transformers", "train", "decode"}
+PEERS_TRAIN = {"arch", "hf_class", "n_layer", "n_embd", "tokens_per_step", "minideep_tokens_per_sec",
+               "hf_tokens_per_sec", "speedup"}
+PEERS_DECODE = {"arch", "context", "minideep_tokens_per_sec", "hf_tokens_per_sec", "speedup"}
+ALL_KEY_SETS = [TOP, TRAIN, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
+                TOKENIZER, PEERS, PEERS_TRAIN, PEERS_DECODE]
+FAST = dict(warmup=0, repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False)
+
+
+def tiny_config(arch: str, **model) -> Config:
+    cfg = Config()
+    cfg.model = tiny_model_cfg(arch, **model)
+    cfg.train.batch_size, cfg.train.device = 2, "cpu"
+    return cfg
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def test_gpt2_flops_per_token_by_hand():
+    # 2 layers x 32 wide, 4 heads, vocab 97, context 32. Per layer: c_attn 32x96, c_proj 32x32,
+    # c_fc 32x128, mlp c_proj 128x32 = 12 * 32^2; lm_head 97x32; biases and LayerNorms are no matmuls.
+    model = build_model(tiny_model_cfg("gpt2"))
+    matmul = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 97 * 32
+    scores = 2 * (2 * 32 * 32 + 2 * 32 * 32) * 3  # q.k and p.v: 2 * T * d each, forward; x3 for training
+    assert model.flops_per_token(32) == 6 * matmul + scores == 190_656
+
+
+def test_moe_flops_per_token_by_hand():
+    # 2 layers x 32 wide, 4 heads of 8, 2 KV heads, 4 experts top-2 of hidden 96 // 2 = 48, vocab 97.
+    model = build_model(tiny_model_cfg("moe"))
+    attention = 32 * 32 + 32 * (2 * 2 * 8) + 32 * 32  # wq, wkv, wo
+    experts = 2 * 3 * 32 * 48  # the top-2 experts a token runs, of 4
+    router = 4 * 32
+    matmul = 2 * (attention + experts + router) + 97 * 32  # + the tied lm_head
+    scores = 2 * 12 * 4 * 8 * 32  # per layer 12 * n_head * head_dim * T
+    assert model.flops_per_token(32) == 6 * matmul + scores == 192_192
+    # one dense first layer: a SwiGLU of hidden 96 costs exactly what two experts of 48 cost
+    dense_first = build_model(tiny_model_cfg("moe", first_k_dense=1))
+    assert dense_first.flops_per_token(32) == 192_192 - 6 * router
+
+
+# ---------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "moe"])
+def test_memory_estimate_within_25_percent_of_measured_peak_rss(arch):
+    cfg = bench_config(resolve_config("cpu", arch=arch, overrides=["train.device=cpu"]))
+    res = bench_memory(cfg, BenchOptions(measure_memory=True), "cpu", torch.float32)
+    assert set(res) == MEMORY and set(res["estimate"]) == MEMORY_ESTIMATE
+    assert [c["grad_checkpointing"] for c in res["checks"]] == [False, True]
+    for c in res["checks"]:
+        assert set(c) == MEMORY_CHECK
+        assert c["measured_bytes"] > 20e6  # a real peak was seen, not a baseline artefact
+        assert abs(c["estimated_bytes"] - c["measured_bytes"]) <= 0.25 * c["measured_bytes"], c
+    # checkpointing must save a visible share, in the estimate and in the measurement
+    off, on = res["checks"]
+    assert on["estimated_bytes"] < 0.8 * off["estimated_bytes"] and on["measured_bytes"] < 0.8 * off["measured_bytes"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "moe"])
+@pytest.mark.parametrize("preset,device_gb", [("rtx3060", 12), ("a100", 40)])
+def test_gpu_presets_are_predicted_to_fit_their_cards(preset, device_gb, arch):
+    cfg = bench_config(resolve_config(preset, arch=arch))
+    est = estimate_memory(cfg, device_gb * 10**9)
+    assert est["dtype"] == "bfloat16" and est["fits"], est
+    assert est["margin_bytes"] > 0.1 * device_gb * 10**9
+    assert est["activations_checkpointed_bytes"] < est["activations_bytes"]
+
+
+def test_estimate_grows_with_the_batch_and_counts_adamw_twice():
+    small = estimate_memory(tiny_config("moe"))
+    cfg = tiny_config("moe")
+    cfg.train.batch_size = 4
+    big = estimate_memory(cfg)
+    # per-token activations double; a few batch-independent saved tensors (concatenated expert weights) do not
+    assert 1.8 * small["activations_bytes"] < big["activations_bytes"] < 2 * small["activations_bytes"]
+    assert small["adamw_bytes"] == 2 * small["weights_bytes"] == 8 * small["params"]
+
+
+def test_parse_bytes_and_gpu_peaks():
+    assert parse_bytes("12GB") == 12 * 10**9 and parse_bytes("40GiB") == 40 * 2**30 and parse_bytes("512MB") == 512 * 10**6
+    with pytest.raises(UserError):
+        parse_bytes("twelve")
+    assert gpu_peak("NVIDIA GeForce RTX 3060")["tflops"] == 25.6
+    assert gpu_peak("NVIDIA H100 PCIe")["tflops"] == 756.0
+    assert gpu_peak("NVIDIA H100 80GB HBM3")["tflops"] == 989.4
+    assert gpu_peak("NVIDIA A100-SXM4-40GB")["tflops"] == 312.0
+    assert gpu_peak("Some Future GPU")["tflops"] is None
+
+
+# ---------------------------------------------------------------- JSON layout
+
+
+def check_keys(r: dict, sections) -> None:
+    assert set(r) == TOP
+    for s in ("train", "moe", "decode", "memory", "tokenizer", "peers"):
+        assert (r[s] is not None) == (s in sections), s
+    if r["train"]:
+        assert set(r["train"]) == TRAIN
+    if r["moe"]:
+        assert set(r["moe"]) == MOE and all(set(row) == MOE_ROW for row in r["moe"]["rows"])
+    if r["decode"]:
+        assert set(r["decode"]) == DECODE
+        assert all(set(row) == DECODE_SPEED for row in r["decode"]["speed"])
+        assert all(set(row) == DECODE_CACHE for row in r["decode"]["cache"])
+    if r["memory"]:
+        assert set(r["memory"]) == MEMORY and set(r["memory"]["estimate"]) == MEMORY_ESTIMATE
+    if r["tokenizer"]:
+        assert set(r["tokenizer"]) == TOKENIZER
+    if r["peers"]:
+        assert set(r["peers"]) == PEERS
+        assert all(set(row) == PEERS_TRAIN for row in r["peers"]["train"])
+        assert all(set(row) == PEERS_DECODE for row in r["peers"]["decode"])
+    json.dumps(r, allow_nan=False)
+
+
+def test_json_keys_are_stable_for_every_section():
+    sections = ("train", "moe", "decode", "memory", "tokenizer")
+    r = run_bench(tiny_config("moe"), BenchOptions.for_run(True, sections, **FAST))
+    check_keys(r, sections)
+    assert [row["attention"] for row in r["decode"]["cache"]] == ["gqa", "mla", "latent"]
+    assert [row["context"] for row in r["decode"]["speed"]] == [8, 12] * 3
+    assert r["train"]["flops_per_token"] == build_model(tiny_model_cfg("moe")).flops_per_token(32)
+    cache = {row["attention"]: row for row in r["decode"]["cache"]}
+    assert cache["gqa"]["bytes_per_token"] == 2 * (2 * 2 * 8) * 4  # 2 layers x (K, V) x 2 kv heads x 8 wide, fp32
+    assert cache["latent"]["bytes_per_token"] == 0 and cache["latent"]["state_bytes"] > 0
+    g = run_bench(tiny_config("gpt2"), BenchOptions.for_run(True, ("decode",), **FAST))
+    check_keys(g, ("decode",))
+    assert [row["attention"] for row in g["decode"]["cache"]] == ["mha"]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "rtx3060"])
+def test_mla_and_latent_caches_are_smaller_than_gqa_at_the_presets(preset):
+    from minideep_cli.bench import cache_rows
+
+    rows = {r["attention"]: r for r in cache_rows(bench_config(resolve_config(preset, arch="moe")), torch.bfloat16)}
+    assert rows["mla"]["bytes_per_sequence"] < rows["gqa"]["bytes_per_sequence"]
+    assert rows["latent"]["bytes_per_sequence"] < rows["gqa"]["bytes_per_sequence"]
+
+
+def test_peers_keys_when_transformers_is_installed():
+    pytest.importorskip("transformers", reason="the peers section compares with Hugging Face transformers")
+    from minideep_cli.bench import bench_peers
+
+    cfgs = {"gpt2": tiny_config("gpt2"), "moe": tiny_config("moe")}
+    p = bench_peers(cfgs, BenchOptions(**FAST), "cpu", torch.float32)
+    assert set(p) == PEERS and [r["arch"] for r in p["train"]] == ["gpt2", "moe"]
+    assert [r["hf_class"] for r in p["train"]] == ["GPT2LMHeadModel", "MixtralForCausalLM"]
+    assert all(set(r) == PEERS_TRAIN for r in p["train"]) and all(set(r) == PEERS_DECODE for r in p["decode"])
+
+
+def test_readme_documents_every_json_key():
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    bench = text[text.index("## Benchmarks"):]
+    bench = bench[: bench.find("\n## ", 3)] if "\n## " in bench[3:] else bench
+    documented = set(re.findall(r"`([a-z_]+)`", bench))
+    missing = set().union(*ALL_KEY_SETS) - documented
+    assert not missing, f"README's Benchmarks section does not list: {sorted(missing)}"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_cli_estimate_memory_needs_no_device_and_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["bench", "--preset", "rtx3060", "--estimate-memory", "--device-memory", "12GB",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "fits" in r.output
+    data = json.loads(out.read_text())
+    check_keys(data, ("memory",))
+    assert data["memory"]["estimate"]["fits"] is True and data["memory"]["checks"] == []
+
+
+def test_cli_bad_section_and_size_are_one_line_errors():
+    for args in (["bench", "-s", "speed"], ["bench", "--estimate-memory", "--device-memory", "lots"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert r.stderr.strip().startswith("error: ")
