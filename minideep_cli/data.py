@@ -53,12 +53,7 @@ def read_text_file(path: str | os.PathLike) -> str:
     raw = p.read_bytes()
     if not raw.strip():
         raise UserError(f"file is empty: {p}")
-    if b"\x00" in raw[:1 << 20]:
-        raise UserError(f"{p} looks like a binary file, not UTF-8 text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p} is not valid UTF-8 text (byte {e.start})")
+    return _text_document(p, raw)
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -187,8 +182,9 @@ def find_files(paths: list) -> list[Path]:
     return files
 
 
-def _text_document(p: Path) -> str:
-    raw = p.read_bytes()
+def _text_document(p: Path, raw: Optional[bytes] = None) -> str:
+    """The UTF-8 text of a file, refusing binary files and invalid UTF-8 with one clear line."""
+    raw = p.read_bytes() if raw is None else raw
     if b"\x00" in raw[:1 << 20]:
         raise UserError(f"{p} looks like a binary file, not UTF-8 text")
     try:
