@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .files import atomic_file
 
 KIND = "minideep-checkpoint"
 FORMAT = 1
@@ -30,16 +30,8 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"kind": KIND, "format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save({"kind": KIND, "format": FORMAT, **state}, f)
     return path
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +31,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .errors import UserError
+from .files import atomic_file
 from .tokenizer import EOT, load_tokenizer, split_chunks, token_byte_lengths, train_tokenizer
 
 Progress = Callable[[int, int], None]  # (done, total) in characters
@@ -77,16 +77,8 @@ def _encode(tok, text: str, dtype: np.dtype, progress: Optional[Progress], done:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def tokenize_text(
