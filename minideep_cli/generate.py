@@ -52,7 +52,7 @@ class Step:
         return {key: torch.stack([s[key][-1] for s in stats]) for key in ("expert_ids", "gates", "probs")}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_steps(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, generator: Optional[torch.Generator] = None, use_cache: bool = True,
                    device: str = "cpu") -> Iterator[Step]:

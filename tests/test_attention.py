@@ -314,7 +314,7 @@ def test_uniform_random_text_cannot_be_predicted_below_log2_k(tmp_path, variant)
     k = 8
     g = torch.Generator().manual_seed(11)
     text = "".join("abcdefgh"[i] for i in torch.randint(0, k, (100_000,), generator=g).tolist())
-    tokenize_text(text, tmp_path / "data", vocab_size=300, source="uniform")
+    tokenize_text(text, tmp_path / "data", vocab_size=264, source="uniform")
     cfg = Config()
     cfg.model = tiny_model_cfg("moe", attention=variant, n_embd=64, block_size=64, capacity_factor=None,
                                **EXTRA[variant])
@@ -326,4 +326,4 @@ def test_uniform_random_text_cannot_be_predicted_below_log2_k(tmp_path, variant)
     bpb = result.val["bpb"]
     print(f"{variant}: val bpb {bpb:.4f} after {result.step} steps (log2 k = {math.log2(k):.4f})")
     assert bpb > math.log2(k) - 0.01  # sampling noise of the validation text is ~1e-3
-    assert bpb < math.log2(k) + 0.5  # and it learned the alphabet (untrained: ~5): the run is not vacuous
+    assert bpb < math.log2(k) + 0.25  # and it learned the alphabet (untrained: ~5): the run is not vacuous

@@ -83,6 +83,17 @@ class Router(nn.Module):
         return expert_ids, gates, probs, logits
 
 
+def grouped_swiglu(x, w1, w3, w2, counts):
+    """E SwiGLU experts on expert-sorted rows with two grouped matmuls. x (M, d), counts (E,) -> (M, d)."""
+    offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
+    w13 = torch.cat([w1, w3], dim=2)  # (E, d, 2h): one matmul for both up-projections
+    g, u = F.grouped_mm(x, w13, offs=offs).chunk(2, dim=-1)  # (M, h) each
+    return F.grouped_mm(F.silu(g) * u, w2, offs=offs)
+
+
+eager_grouped_swiglu = torch.compiler.disable(grouped_swiglu)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: w1, w3 (E, d, h), w2 (E, h, d)."""
 
@@ -97,11 +108,10 @@ class Experts(nn.Module):
         """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if self.grouped and grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
-            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
-            x = x.to(dtype)
-            w13 = torch.cat([self.w1, self.w3], dim=2).to(dtype)  # (E, d, 2h): one matmul for both
-            g, u = F.grouped_mm(x, w13, offs=offs).chunk(2, dim=-1)  # (M, h) each
-            return F.grouped_mm(F.silu(g) * u, self.w2.to(dtype), offs=offs)
+            # torch.compile traces grouped_mm for bf16 only (its shape rule rejects fp32): other
+            # dtypes run it eagerly, a graph break around the experts
+            run = grouped_swiglu if dtype == torch.bfloat16 else eager_grouped_swiglu
+            return run(x.to(dtype), self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype), counts)
         out, start = [], 0  # fallback: a loop over experts (never over tokens)
         for e, n in enumerate(counts.tolist()):
             xe = x[start : start + n]
