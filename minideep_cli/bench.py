@@ -709,7 +709,7 @@ def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype)
             ours_d = build_model(d.model).to(device=device).eval()
             hf_d.to(device)
             prompt = torch.randint(0, d.model.vocab_size, (ctx_len,), generator=torch.Generator().manual_seed(1)).tolist()
-            reps = max(3, opts.repeats // 2)
+            reps = max(5, opts.repeats)  # a decode is ~50 ms: cheap to repeat, and noisy
             ours_s = md_decode_seconds(ours_d, prompt, n, device, reps)
             hf_s = hf_decode_seconds(hf_d, prompt, n, device, reps)
             decode_rows.append({"arch": arch, "context": ctx_len, "minideep_tokens_per_sec": 1 / ours_s,

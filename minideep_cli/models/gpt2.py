@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .attention import Cache, KVCache, causal_attention
+from .layers import dropout
 from .output import Output, lm_loss
 
 
@@ -21,8 +22,7 @@ class GPT2Attention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout  # on the attention weights and the residual branch
 
     def forward(self, x, cache: KVCache | None, pos: int):
         B, T, C = x.shape
@@ -30,7 +30,7 @@ class GPT2Attention(nn.Module):
         if cache is not None:  # q, k, v: (B, nh, T, hs)
             k, v = cache.update(pos, k, v)  # (B, nh, pos+T, hs)
         y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
 
 class GPT2MLP(nn.Module):
@@ -38,10 +38,10 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class GPT2Block(nn.Module):
@@ -65,7 +65,6 @@ class GPT2(nn.Module):
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
                 h=nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer)),
                 ln_f=nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias),
             )
@@ -108,8 +107,8 @@ class GPT2(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} exceeds block_size {self.cfg.block_size}")
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        pos_emb = self.transformer.wpe.weight[pos : pos + T]  # (T, C): positions pos .. pos+T-1
+        x = dropout(self.transformer.wte(idx) + pos_emb, self.cfg.dropout, self.training)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and self.training:

@@ -1,10 +1,16 @@
-"""Small pure pieces shared by the models: RMSNorm, rotary embeddings, SwiGLU."""
+"""Small pure pieces shared by the models: RMSNorm, rotary embeddings, SwiGLU, dropout."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, skipped outright where it does nothing (eval, p = 0): decoding one token at a
+    time pays for every call, and an eval-mode nn.Dropout is still a call."""
+    return F.dropout(x, p, True) if training and p > 0 else x
 
 
 class RMSNorm(nn.Module):

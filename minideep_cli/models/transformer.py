@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from .attention import Cache, build_attention, slot_decay_init
-from .layers import RMSNorm, SwiGLU, rope_tables
+from .layers import RMSNorm, SwiGLU, dropout, rope_tables
 from .moe import MoE
 from .output import Output, lm_loss
 
@@ -36,15 +36,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd)
         self.is_moe = is_moe_layer(cfg, layer)
         self.ffn = MoE(cfg, expert_hidden(cfg)) if self.is_moe else SwiGLU(cfg.n_embd, dense_hidden(cfg))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # on the residual branches (attention weights: in the attention)
 
     def forward(self, x, cos, sin, cache=None, pos: int = 0):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos))
+        x = x + dropout(self.attn(self.attn_norm(x), cos, sin, cache, pos), self.dropout, self.training)
         if self.is_moe:
             h, stats = self.ffn(self.ffn_norm(x))
         else:
             h, stats = self.ffn(self.ffn_norm(x)), None
-        return x + self.drop(h), stats
+        return x + dropout(h, self.dropout, self.training), stats
 
 
 class MoETransformer(nn.Module):
@@ -52,7 +52,6 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -110,7 +109,7 @@ class MoETransformer(nn.Module):
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} exceeds block_size {self.cfg.block_size}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, rope_dim/2)
-        x = self.drop(self.tok_emb(idx))  # (B, T, d)
+        x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, d)
         routing, moe_layers = [], []
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
