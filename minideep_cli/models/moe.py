@@ -10,7 +10,7 @@ One MoE layer, for N tokens of width d, E experts and top-k routing:
            position-major order (all sequences' position 0, then 1, ...), so a token's fate never
            depends on later tokens of its own sequence
   dispatch sort the N*k assignments by expert, run each expert on its contiguous slice
-           (one grouped matmul where available), weight by gates, sum a token's k outputs
+           (grouped matmuls where available), weight by gates, sum a token's k outputs
   balance  Switch aux loss E * sum_i f_i P_i (1.0 when uniform) and router z-loss
 """
 
