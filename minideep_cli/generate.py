@@ -52,12 +52,28 @@ class Step:
         return {key: torch.stack([s[key][-1] for s in stats]) for key in ("expert_ids", "gates", "probs")}
 
 
-@torch.inference_mode()
+def is_sharded(model) -> bool:
+    """True when FSDP2 has sharded the model's parameters (DTensors)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def generate_steps(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, generator: Optional[torch.Generator] = None, use_cache: bool = True,
                    device: str = "cpu") -> Iterator[Step]:
     """Yield a Step per new token. With the cache, each step feeds only the newest token;
-    when the context fills block_size, the cache is rebuilt from the last half of the context."""
+    when the context fills block_size, the cache is rebuilt from the last half of the context.
+    Runs under inference_mode (less overhead per token than no_grad), or no_grad for an
+    FSDP-sharded model, which older torch cannot run in inference mode. The mode applies inside
+    each step only: the caller's code between tokens keeps its own."""
+    mode = torch.no_grad if is_sharded(model) else torch.inference_mode
+    return mode()(_steps)(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, device)
+
+
+def _steps(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache, device) -> Iterator[Step]:
     model.eval()
     block = model.cfg.block_size
     ids = list(prompt) or [0]

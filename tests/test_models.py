@@ -47,6 +47,17 @@ def test_cached_sampling_equals_uncached(arch):
         list(generate(model, prompt, 30, 1.0, top_k=20, generator=g2, use_cache=False))
 
 
+def test_generation_runs_without_autograd_but_leaves_the_callers_mode_alone():
+    model = build_model(tiny_model_cfg("gpt2", block_size=64)).eval()
+    modes = []
+    model.register_forward_hook(lambda m, a, o: modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled())))
+    gen = generate(model, list(range(10)), 3, temperature=0.0)
+    next(gen)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # between tokens: the caller's mode
+    list(gen)
+    assert modes == [(False, True)] * 3  # each forward: no autograd at all
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_tiny_model_overfits_one_batch(arch):
     torch.manual_seed(0)

@@ -75,6 +75,7 @@ def test_dispatch_equals_reference(monkeypatch, grouped, top_k, capacity, shared
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=n)
 
 
+@pytest.mark.skipif(not moe_mod.HAS_GROUPED_MM, reason="this torch has no grouped_mm: nothing to keep out of the graph")
 def test_moe_layer_traces_under_torch_compile_in_fp32():
     """torch.compile's shape rule for grouped_mm takes bf16 only; fp32 experts run outside the graph."""
     layer = make_layer(top_k=2, capacity_factor=1.0).train()

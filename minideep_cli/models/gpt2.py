@@ -71,6 +71,7 @@ class GPT2(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.dropout = cfg.dropout  # on the embeddings
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -108,7 +109,7 @@ class GPT2(nn.Module):
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} exceeds block_size {self.cfg.block_size}")
         pos_emb = self.transformer.wpe.weight[pos : pos + T]  # (T, C): positions pos .. pos+T-1
-        x = dropout(self.transformer.wte(idx) + pos_emb, self.cfg.dropout, self.training)  # (B, T, C)
+        x = dropout(self.transformer.wte(idx) + pos_emb, self.dropout, self.training)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and self.training:

@@ -122,7 +122,7 @@ class Experts(nn.Module):
                 xe = x[start : start + n]
                 out.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
             start += n
-        return torch.cat(out)
+        return torch.cat(out) if out else x.new_zeros(0, self.w2.size(-1))
 
 
 class MoE(nn.Module):

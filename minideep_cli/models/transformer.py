@@ -52,6 +52,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.dropout = cfg.dropout  # on the embeddings
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -109,7 +110,7 @@ class MoETransformer(nn.Module):
         if pos + T > self.cfg.block_size:
             raise ValueError(f"sequence of {pos + T} exceeds block_size {self.cfg.block_size}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, rope_dim/2)
-        x = dropout(self.tok_emb(idx), self.cfg.dropout, self.training)  # (B, T, d)
+        x = dropout(self.tok_emb(idx), self.dropout, self.training)  # (B, T, d)
         routing, moe_layers = [], []
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
