@@ -65,6 +65,7 @@ class BenchOptions:
     quick: bool = False
     warmup: int = 2
     repeats: int = 7
+    moe_repeats: int = 31  # the MoE/dense ratio moves by several percent from run to run: more samples
     decode_contexts: tuple[int, ...] = (128, 512, 1024)
     decode_tokens: int = 24  # timed tokens per context (cached); recomputing times a third of them
     moe_tokens: int = MOE_REFERENCE["tokens"]
@@ -74,7 +75,7 @@ class BenchOptions:
     @classmethod
     def for_run(cls, quick: bool, sections: tuple[str, ...], **kw) -> "BenchOptions":
         if quick:
-            base = dict(warmup=1, repeats=3, decode_contexts=(128, 512), decode_tokens=12)
+            base = dict(warmup=1, repeats=3, moe_repeats=11, decode_contexts=(128, 512), decode_tokens=12)
         else:
             base = {}
         base.update(kw)
@@ -82,16 +83,20 @@ class BenchOptions:
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync=lambda: None) -> dict[str, float]:
-    """Median seconds per call of each function; repetitions interleaved (a, b, a, b, ...)."""
+    """Median seconds per call of each function. Repetitions are interleaved, and each one starts
+    the round at the next function (a b c, b c a, c a b, ...): every function follows every other
+    equally often, so neither drift in the machine's speed nor what one call leaves behind (freed
+    memory, a cold cache) falls on one of them only."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     sync()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            f()
+            fns[k]()
             sync()
             times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -249,7 +254,7 @@ def moe_layer_row(name: str, mcfg, tokens: int, opts: BenchOptions, device: str,
         y.float().square().mean().backward()
 
     t = median_times({"moe": lambda: run_moe(True), "dense": run_dense, "loop": lambda: run_moe(False)},
-                     opts.repeats, opts.warmup, syncer(device))
+                     opts.moe_repeats, opts.warmup, syncer(device))
     return {"name": name, "tokens": tokens, "n_embd": mcfg.n_embd, "n_experts": mcfg.n_experts, "top_k": mcfg.top_k,
             "expert_hidden": h, "dense_hidden": dense_hidden, "moe_ms": t["moe"] * 1e3, "dense_ms": t["dense"] * 1e3,
             "loop_ms": t["loop"] * 1e3, "moe_vs_dense": t["moe"] / t["dense"], "moe_vs_loop": t["moe"] / t["loop"]}
@@ -654,31 +659,27 @@ def hf_step_fn(model, cfg: Config, device: str, dtype):
     return step
 
 
-def hf_decode_seconds(model, prompt: list[int], n: int, device: str, repeats: int) -> float:
-    """Seconds per new token of transformers' generate (greedy, its KV cache), prefill excluded:
-    (time for n + 1 tokens - time for 1 token) / n, medians of interleaved repetitions."""
-    model.eval()
+def decode_seconds(ours, hf, prompt: list[int], n: int, device: str, repeats: int) -> tuple[float, float]:
+    """Seconds per new token of minideep's `generate` and of transformers' `generate` (greedy, each
+    with its KV cache), prefill excluded: (time for n + 1 tokens - time for 1 token) / n. The four
+    timings are interleaved repetitions, so drift in the machine's speed falls on both alike."""
+    from .generate import generate
+
+    hf.eval()
     ids = torch.tensor([prompt], device=device)
     mask = torch.ones_like(ids)
 
-    def gen(k):
-        return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                                      use_cache=True, pad_token_id=0, eos_token_id=None)
+    def ours_gen(k):
+        return lambda: sum(1 for _ in generate(ours, prompt, k, temperature=0.0, use_cache=True, device=device))
+
+    def hf_gen(k):
+        return lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                   use_cache=True, pad_token_id=0, eos_token_id=None)
 
     with torch.no_grad():
-        t = median_times({"one": gen(1), "many": gen(n + 1)}, repeats, 1, syncer(device))
-    return (t["many"] - t["one"]) / n
-
-
-def md_decode_seconds(model, prompt: list[int], n: int, device: str, repeats: int) -> float:
-    from .generate import generate
-
-    def gen(k):
-        return lambda: sum(1 for _ in generate(model, prompt, k, temperature=0.0, use_cache=True, device=device))
-
-    with torch.no_grad():
-        t = median_times({"one": gen(1), "many": gen(n + 1)}, repeats, 1, syncer(device))
-    return (t["many"] - t["one"]) / n
+        t = median_times({"ours1": ours_gen(1), "ours": ours_gen(n + 1), "hf1": hf_gen(1), "hf": hf_gen(n + 1)},
+                         repeats, 1, syncer(device))
+    return (t["ours"] - t["ours1"]) / n, (t["hf"] - t["hf1"]) / n
 
 
 def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype) -> dict:
@@ -709,9 +710,8 @@ def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype)
             ours_d = build_model(d.model).to(device=device).eval()
             hf_d.to(device)
             prompt = torch.randint(0, d.model.vocab_size, (ctx_len,), generator=torch.Generator().manual_seed(1)).tolist()
-            reps = max(5, opts.repeats)  # a decode is ~50 ms: cheap to repeat, and noisy
-            ours_s = md_decode_seconds(ours_d, prompt, n, device, reps)
-            hf_s = hf_decode_seconds(hf_d, prompt, n, device, reps)
+            reps = 3 * opts.repeats  # a decode is ~50 ms: cheap to repeat, and noisy
+            ours_s, hf_s = decode_seconds(ours_d, hf_d, prompt, n, device, reps)
             decode_rows.append({"arch": arch, "context": ctx_len, "minideep_tokens_per_sec": 1 / ours_s,
                                 "hf_tokens_per_sec": 1 / hf_s, "speedup": hf_s / ours_s})
     return {"transformers": transformers.__version__, "train": train_rows, "decode": decode_rows}

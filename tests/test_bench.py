@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_model_cfg
 from typer.testing import CliRunner
 
-from minideep_cli.bench import (BenchOptions, bench_config, bench_memory, estimate_memory, gpu_peak, parse_bytes,
-                                run_bench)
+from minideep_cli.bench import (BenchOptions, bench_config, bench_memory, estimate_memory, gpu_peak, median_times,
+                                parse_bytes, run_bench)
 from minideep_cli.cli import app
 from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
@@ -40,7 +40,7 @@ PEERS_TRAIN = {"arch", "hf_class", "n_layer", "n_embd", "tokens_per_step", "mini
 PEERS_DECODE = {"arch", "context", "minideep_tokens_per_sec", "hf_tokens_per_sec", "speedup"}
 ALL_KEY_SETS = [TOP, TRAIN, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
                 TOKENIZER, PEERS, PEERS_TRAIN, PEERS_DECODE]
-FAST = dict(warmup=0, repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False)
+FAST = dict(warmup=0, repeats=1, moe_repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False)
 
 
 def tiny_config(arch: str, **model) -> Config:
@@ -214,3 +214,11 @@ def test_cli_bad_section_and_size_are_one_line_errors():
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1 and "Traceback" not in r.output
         assert r.stderr.strip().startswith("error: ")
+
+
+def test_median_times_rotates_which_function_goes_first():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    medians = median_times(fns, repeats=4, warmup=0)
+    assert "".join(calls) == "abc" "bca" "cab" "abc"  # each follows each other equally often
+    assert set(medians) == set("abc")

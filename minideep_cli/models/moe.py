@@ -152,14 +152,17 @@ class MoE(nn.Module):
         order = (e_flat * (N * k) + prio).argsort()  # (N*k,) grouped by expert, priority within
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, e_flat, torch.ones_like(e_flat))  # (E,)
         starts = counts.cumsum(0) - counts
-        rank = torch.arange(N * k, device=x.device) - starts[e_flat[order]]  # place in its expert's queue
+        rank = a - starts[e_flat[order]]  # place in its expert's queue
         capacity = capacity_for(cfg.capacity_factor if self.training else cfg.eval_capacity_factor, N, k, E)
         keep = rank < capacity if capacity is not None else torch.ones_like(rank, dtype=torch.bool)
 
-        h = self.experts(flat[token[order]], counts)  # (N*k, d), expert-sorted
+        # index_select, not x[idx]: its backward is an index_add, where indexing's is an accumulating
+        # index_put (several times slower on CPU; fwd+bwd at 4,096 tokens: ~2 vs ~9 ms)
+        token_sorted = order // k  # (N*k,) = token[order]
+        h = self.experts(flat.index_select(0, token_sorted), counts)  # (N*k, d), expert-sorted
         keep_tc = torch.empty_like(keep).index_copy_(0, order, keep).view(N, k)
-        w = (gates.flatten()[order] * keep).to(h.dtype)  # dropped assignments weigh 0: only the residual stays
-        y = h.new_zeros(N, d).index_add_(0, token[order], h * w.unsqueeze(-1))  # (N, d): add each token's k outputs
+        w = (gates.flatten().index_select(0, order) * keep).to(h.dtype)  # dropped assignments weigh 0: only the residual stays
+        y = h.new_zeros(N, d).index_add_(0, token_sorted, h * w.unsqueeze(-1))  # (N, d): add each token's k outputs
         if self.shared is not None:
             y = y + self.shared(flat)
 

@@ -49,8 +49,8 @@ def render_bench(console, r: dict) -> None:
         tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
                      "loop", "MoE / dense", "MoE / loop")
         for row in r["moe"]["rows"]:
-            tab.add_row(f"{row['name']}: {row['tokens']:,} tokens, d {row['n_embd']}, {row['n_experts']} experts "
-                        f"top-{row['top_k']} (h {row['expert_hidden']}; dense h {row['dense_hidden']})",
+            tab.add_row(f"{row['name']}: {row['tokens']:,}x{row['n_embd']}, {row['n_experts']} experts top-{row['top_k']}, "
+                        f"h {row['expert_hidden']} (dense {row['dense_hidden']})",
                         f"{row['moe_ms']:.1f} ms", f"{row['dense_ms']:.1f} ms", f"{row['loop_ms']:.1f} ms",
                         _x(row["moe_vs_dense"]), _x(row["moe_vs_loop"]))
         console.print(tab)
