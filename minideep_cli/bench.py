@@ -628,7 +628,7 @@ def hf_twin(cfg: Config):
     # Mixtral: gqa, every block sparse, softmax router renormalised over the top k, dropless, no z-loss
     mm.attention, mm.first_k_dense, mm.moe_every, mm.n_shared_experts = "gqa", 0, 1, 0
     mm.router, mm.norm_topk, mm.router_noise, mm.capacity_factor, mm.z_loss_coef = "softmax", True, "none", None, 0.0
-    mm.dropout = 0.0
+    mm.dropout, mm.attention_dropout = 0.0, None
     hc = transformers.MixtralConfig(
         vocab_size=mm.vocab_size, hidden_size=mm.n_embd, intermediate_size=expert_hidden(mm), num_hidden_layers=mm.n_layer,
         num_attention_heads=mm.n_head, num_key_value_heads=mm.n_kv_head or mm.n_head, num_local_experts=mm.n_experts,

@@ -35,7 +35,8 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the embeddings and residual branches (and attention weights, see below)
+    attention_dropout: Optional[float] = None  # on the attention weights; null = dropout
     # gpt2
     bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
     # moe transformer
@@ -320,10 +321,19 @@ def resolve_config(
     return cfg
 
 
+def attention_dropout(m: ModelConfig) -> float:
+    """Dropout on the attention weights: model.attention_dropout, or model.dropout when unset."""
+    return m.dropout if m.attention_dropout is None else m.attention_dropout
+
+
 def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     if m.arch not in ARCHES:
         raise UserError(f"unknown arch '{m.arch}'; choose one of: {', '.join(ARCHES)}")
+    for key in ("dropout", "attention_dropout"):
+        p = getattr(m, key)
+        if p is not None and not 0 <= p < 1:
+            raise UserError(f"model.{key} must be at least 0 and below 1, got {p}")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     kv = m.n_kv_head or m.n_head

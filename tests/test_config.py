@@ -75,3 +75,10 @@ def test_presets_ship_in_the_wheel(tmp_path):
     for p in list_presets():
         assert f"minideep_cli/presets/{p}.yaml" in names
     assert "minideep_cli/assets/tinyshakespeare.txt" in names
+
+
+def test_dropout_rates_are_checked():
+    assert resolve_config(None, None, ["model.attention_dropout=0"]).model.attention_dropout == 0.0
+    for bad in ["model.dropout=1", "model.attention_dropout=-0.1"]:
+        with pytest.raises(UserError, match="at least 0 and below 1"):
+            resolve_config(None, None, [bad])

@@ -128,3 +128,42 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_dropout_keeps_1_minus_p_and_rescales():
+    from minideep_cli.models.layers import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.25, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))  # inverted: the mean is kept
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient = mask / (1 - p)
+    assert dropout(x, 0.25, False) is x and dropout(x, 0.0, True) is x  # eval and p = 0 skip it
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_attention_dropout_is_its_own_knob(arch):
+    x = torch.randint(0, 97, (2, 32))
+
+    def two_training_forwards(**kw):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_cfg(arch, **kw)).train()
+        with torch.no_grad():
+            return model(x).logits, model(x).logits
+
+    a, b = two_training_forwards(dropout=0.0, attention_dropout=0.5)
+    assert not torch.equal(a, b)  # attention weights dropped, although dropout is 0
+    a, b = two_training_forwards(dropout=0.0)  # unset: follows dropout (0)
+    assert torch.equal(a, b)
+    a, b = two_training_forwards(dropout=0.3, attention_dropout=0.0)
+    assert not torch.equal(a, b)  # residual and embedding dropout still on
+
+    def attention_rates(**kw):
+        model = build_model(tiny_model_cfg(arch, **kw))
+        return {getattr(m, "attn_dropout", getattr(m, "dropout", None)) for n, m in model.named_modules()
+                if n.endswith(".attn")}
+
+    assert attention_rates(dropout=0.3) == {0.3} and attention_rates(dropout=0.3, attention_dropout=0.0) == {0.0}

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import attention_dropout
 from .layers import RMSNorm, apply_rope
 
 # ---------------------------------------------------------------- caches
@@ -385,10 +386,10 @@ class LatentAttention(Attention):
 def build_attention(cfg) -> Attention:
     """The attention module a moe-arch block uses, from ModelConfig.attention."""
     if cfg.attention == "gqa":
-        return GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.dropout)
+        return GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, attention_dropout(cfg))
     if cfg.attention == "mla":
         return MLAttention(cfg.n_embd, cfg.n_head, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                           cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.dropout)
+                           cfg.qk_rope_head_dim, cfg.v_head_dim, attention_dropout(cfg))
     if cfg.attention == "latent":
         return LatentAttention(cfg.n_embd, cfg.n_head, cfg.n_latents)
     raise ValueError(f"unknown attention '{cfg.attention}'")

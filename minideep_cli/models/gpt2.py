@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, attention_dropout
 from .attention import Cache, KVCache, causal_attention
 from .layers import dropout
 from .output import Output, lm_loss
@@ -22,14 +22,15 @@ class GPT2Attention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout  # on the attention weights and the residual branch
+        self.dropout = cfg.dropout  # on the residual branch
+        self.attn_dropout = attention_dropout(cfg)  # on the attention weights
 
     def forward(self, x, cache: KVCache | None, pos: int):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if cache is not None:  # q, k, v: (B, nh, T, hs)
             k, v = cache.update(pos, k, v)  # (B, nh, pos+T, hs)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
         return dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
 
