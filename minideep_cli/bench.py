@@ -83,18 +83,20 @@ class BenchOptions:
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync=lambda: None) -> dict[str, float]:
-    """Median seconds per call of each function. Repetitions are interleaved, and each one starts
-    the round at the next function (a b c, b c a, c a b, ...): every function follows every other
-    equally often, so neither drift in the machine's speed nor what one call leaves behind (freed
-    memory, a cold cache) falls on one of them only."""
+    """Median seconds per call of each function. Repetitions are interleaved, and the rounds run
+    the rotations of the order forwards, then backwards (a b c, b c a, c a b, c b a, b a c, a c b):
+    each function starts a round equally often and, for up to three functions, runs right after
+    each other one equally often, so neither drift in the machine's speed nor what one call leaves
+    behind (freed memory, a cold cache) falls on one of them only."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     sync()
-    names = list(fns)
+    names, back = list(fns), list(fns)[::-1]
+    orders = [names[i:] + names[:i] for i in range(len(names))] + [back[i:] + back[:i] for i in range(len(back))]
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats):
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in orders[r % len(orders)]:
             start = time.perf_counter()
             fns[k]()
             sync()
@@ -620,7 +622,9 @@ def hf_twin(cfg: Config):
         hc = transformers.GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd,
                                      n_layer=m.n_layer, n_head=m.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0, layer_norm_epsilon=1e-5)
-        return cfg, transformers.GPT2LMHeadModel(hc)
+        c = copy.deepcopy(cfg)
+        c.model.dropout, c.model.attention_dropout = 0.0, None  # as its twin: no dropout on either side
+        return c, transformers.GPT2LMHeadModel(hc)
     from .models.transformer import expert_hidden
 
     c = copy.deepcopy(cfg)

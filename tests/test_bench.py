@@ -216,9 +216,12 @@ def test_cli_bad_section_and_size_are_one_line_errors():
         assert r.stderr.strip().startswith("error: ")
 
 
-def test_median_times_rotates_which_function_goes_first():
+def test_median_times_balances_the_order_of_its_functions():
     calls = []
     fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
-    medians = median_times(fns, repeats=4, warmup=0)
-    assert "".join(calls) == "abc" "bca" "cab" "abc"  # each follows each other equally often
-    assert set(medians) == set("abc")
+    medians = median_times(fns, repeats=6, warmup=0)
+    rounds = ["".join(calls[i : i + 3]) for i in range(0, 18, 3)]
+    assert rounds == ["abc", "bca", "cab", "cba", "bac", "acb"]
+    pairs = [r[i : i + 2] for r in rounds for i in range(2)]
+    assert {p: pairs.count(p) for p in pairs} == {p: 2 for p in ["ab", "bc", "ca", "cb", "ba", "ac"]}
+    assert [r[0] for r in rounds].count("a") == 2 and set(medians) == set("abc")

@@ -144,13 +144,16 @@ def test_dropout_keeps_1_minus_p_and_rescales():
     assert dropout(x, 0.25, False) is x and dropout(x, 0.0, True) is x  # eval and p = 0 skip it
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_attention_dropout_is_its_own_knob(arch):
+MLA = dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+
+
+@pytest.mark.parametrize("arch,extra", [("gpt2", {}), ("moe", {}), ("moe", MLA)], ids=["gpt2", "moe-gqa", "moe-mla"])
+def test_attention_dropout_is_its_own_knob(arch, extra):
     x = torch.randint(0, 97, (2, 32))
 
     def two_training_forwards(**kw):
         torch.manual_seed(0)
-        model = build_model(tiny_model_cfg(arch, **kw)).train()
+        model = build_model(tiny_model_cfg(arch, **extra, **kw)).train()
         with torch.no_grad():
             return model(x).logits, model(x).logits
 
@@ -162,7 +165,7 @@ def test_attention_dropout_is_its_own_knob(arch):
     assert not torch.equal(a, b)  # residual and embedding dropout still on
 
     def attention_rates(**kw):
-        model = build_model(tiny_model_cfg(arch, **kw))
+        model = build_model(tiny_model_cfg(arch, **extra, **kw))
         return {getattr(m, "attn_dropout", getattr(m, "dropout", None)) for n, m in model.named_modules()
                 if n.endswith(".attn")}
 
