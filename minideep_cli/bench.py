@@ -177,29 +177,39 @@ def random_batch(cfg: Config, device: str, batch: Optional[int] = None, seed: in
     return x[:, :-1].to(device), x[:, 1:].to(device)
 
 
-def train_step_fn(model, cfg: Config, device: str, dtype, batch: Optional[int] = None) -> Callable[[], None]:
-    """One training step as `minideep train` runs it (one micro-batch): forward with the preset's
-    autocast, loss + balancing loss, backward, clipping, AdamW step, zero_grad."""
+def step_fn(model, cfg: Config, device: str, dtype, forward: Callable, loss_of: Callable,
+            batch: Optional[int] = None) -> Callable[[], None]:
+    """One training step as `minideep train` runs it (one micro-batch): out = forward(x, y) with
+    the preset's autocast, loss_of(out).backward() while out (the logits) is still held, clipping,
+    minideep's AdamW step, zero_grad."""
     from .evaluate import autocast_for
     from .train import make_optimizer
 
     model.train()
     opt = make_optimizer(model, cfg, device)
-    fwd = torch.compile(model) if cfg.train.compile else model
     ctx = autocast_for(device, dtype)
     x, y = random_batch(cfg, device, batch)
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
 
     def step():
         with ctx:
-            out = fwd(x, y)
-        loss = out.loss + out.aux["loss"] if "loss" in out.aux else out.loss
-        loss.backward()
+            out = forward(x, y)
+        loss_of(out).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def train_step_fn(model, cfg: Config, device: str, dtype, batch: Optional[int] = None) -> Callable[[], None]:
+    """minideep's step: language-model loss + balancing loss, through torch.compile if asked."""
+    fwd = torch.compile(model) if cfg.train.compile else model
+
+    def loss_of(out):
+        return out.loss + out.aux["loss"] if "loss" in out.aux else out.loss
+
+    return step_fn(model, cfg, device, dtype, fwd, loss_of, batch)
 
 
 def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
@@ -643,24 +653,10 @@ def hf_twin(cfg: Config):
 
 
 def hf_step_fn(model, cfg: Config, device: str, dtype):
-    from .evaluate import autocast_for
-    from .train import make_optimizer
-
-    model.to(device).train()
-    opt = make_optimizer(model, cfg, device)  # the same AdamW as minideep's
-    ctx = autocast_for(device, dtype)
-    x, y = random_batch(cfg, device)
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-
-    def step():
-        with ctx:
-            out = model(input_ids=x, labels=x)  # transformers shifts the labels itself
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    """The transformers model's step, otherwise the same (batch, autocast, clipping, AdamW)."""
+    model.to(device)
+    # transformers shifts the labels itself: it gets the inputs as labels
+    return step_fn(model, cfg, device, dtype, lambda x, y: model(input_ids=x, labels=x), lambda out: out.loss)
 
 
 def decode_seconds(ours, hf, prompt: list[int], n: int, device: str, repeats: int) -> tuple[float, float]:
