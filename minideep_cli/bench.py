@@ -128,17 +128,27 @@ def cpu_ghz() -> tuple[float, str]:
     return 3.0, "assumed"
 
 
-def cpu_peak(threads: int) -> dict:
+def cpu_peak(threads: int, dtype=torch.float32, flags: Optional[set] = None) -> dict:
     """FP32 peak = threads x GHz x FMA pipes (2) x 2 FLOPs per FMA x SIMD lanes (width / 32 bits).
     The SIMD width is the one torch dispatches to (AVX-512: 512, AVX2: 256, else 128). An upper
-    bound: CPUs that split 512-bit instructions into two 256-bit halves (AMD Zen 4) reach half."""
+    bound: CPUs that split 512-bit instructions into two 256-bit halves (AMD Zen 4) reach half.
+    bf16 on a CPU with AVX512-BF16 doubles it (each 32-bit lane takes a pair of bf16 products);
+    with AMX, 1,024 bf16 FLOPs per cycle per core (one tile unit); without either, bf16 is emulated
+    and the fp32 peak stays the bound."""
+    from .train import cpu_flags
+
+    flags = cpu_flags() if flags is None else flags
     cap = torch.backends.cpu.get_cpu_capability()
     simd = 512 if "AVX512" in cap else 256 if "AVX2" in cap else 128
     ghz, ghz_source = cpu_ghz()
-    flops = threads * ghz * 1e9 * FMA_UNITS * 2 * (simd // 32)
+    per_cycle, how = FMA_UNITS * 2 * (simd // 32), f"{FMA_UNITS} FMA x 2 x {simd // 32} fp32 lanes ({cap})"
+    if dtype == torch.bfloat16 and "amx_bf16" in flags:
+        per_cycle, how = 1024, "1,024 bf16 FLOPs per cycle (AMX)"
+    elif dtype == torch.bfloat16 and "avx512_bf16" in flags:
+        per_cycle, how = 2 * per_cycle, f"{how} x 2 bf16 per lane (AVX512-BF16)"
+    flops = threads * ghz * 1e9 * per_cycle
     return {"name": f"{platform.processor() or platform.machine()} ({threads} threads)", "tflops": flops / 1e12,
-            "source": f"{threads} threads x {ghz:.2f} GHz ({ghz_source}) x {FMA_UNITS} FMA x 2 x {simd // 32} "
-                      f"fp32 lanes ({cap})"}
+            "source": f"{threads} threads x {ghz:.2f} GHz ({ghz_source}) x {how}"}
 
 
 def gpu_peak(name: str) -> dict:
@@ -148,10 +158,10 @@ def gpu_peak(name: str) -> dict:
     return {"name": name, "tflops": None, "source": "not in the table: MFU unknown"}
 
 
-def device_peak(device: str) -> dict:
+def device_peak(device: str, dtype=torch.float32) -> dict:
     if device.startswith("cuda"):
         return gpu_peak(torch.cuda.get_device_name(torch.device(device)))
-    return cpu_peak(torch.get_num_threads())
+    return cpu_peak(torch.get_num_threads(), dtype)
 
 
 # ---------------------------------------------------------------- train
@@ -223,7 +233,7 @@ def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
     B, T = cfg.train.batch_size, cfg.model.block_size
     tps = B * T / sec
     fpt = model.flops_per_token(T)
-    peak = device_peak(device)
+    peak = device_peak(device, dtype)
     achieved = tps * fpt
     return {
         "device": peak["name"], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),

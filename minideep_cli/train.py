@@ -55,7 +55,29 @@ def pick_device(name: str) -> str:
     return name
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16): there bf16 matrix
+    products run ~3.7x faster than fp32 (oneDNN, measured on an AMD EPYC); elsewhere bf16 is
+    emulated and slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def pick_dtype(name: str, device: str) -> torch.dtype:
+    """auto: bf16 autocast on CUDA, fp32 on CPU. Even with native bf16 the cpu preset's moe model
+    trained worse in bf16 (2.161 against 2.144 bits per byte in the same 9.5 minutes)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
@@ -168,8 +190,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     emit = (on_event or (lambda kind, info: None)) if d.main else (lambda kind, info: None)
     t = cfg.train
     dtype = pick_dtype(t.dtype, device)
-    if dtype == torch.bfloat16 and device == "cpu":
-        emit("note", {"text": "bf16 on CPU is much slower than fp32 on most CPUs"})
+    if dtype == torch.bfloat16 and device == "cpu" and not cpu_native_bf16():
+        emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
 
     ckpt = None
     if not resume and (run_dir / "last.pt").exists():

@@ -12,8 +12,8 @@ from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.generate import generate
 from minideep_cli.models import build_model
-from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, slot_attention_parallel,
-                                           slot_attention_step)
+from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, causal_attention,
+                                           slot_attention_parallel, slot_attention_step)
 from minideep_cli.models.layers import apply_rope, rope_tables
 
 VARIANTS = ["gqa", "mla", "latent"]
@@ -327,3 +327,17 @@ def test_uniform_random_text_cannot_be_predicted_below_log2_k(tmp_path, variant)
     print(f"{variant}: val bpb {bpb:.4f} after {result.step} steps (log2 k = {math.log2(k):.4f})")
     assert bpb > math.log2(k) - 0.01  # sampling noise of the validation text is ~1e-3
     assert bpb < math.log2(k) + 0.25  # and it learned the alphabet (untrained: ~5): the run is not vacuous
+
+
+@pytest.mark.parametrize("q_len", [16, 1])  # training / prefill, and one decoded token over the cache
+def test_low_precision_attention_on_cpu_runs_in_fp32(q_len):
+    """torch's CPU attention kernel is slow in bf16, so bf16 inputs are attended in fp32 and the
+    result rounded once, also under autocast (which would otherwise cast the inputs back down)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, q_len, 8).bfloat16()
+    k, v = torch.randn(2, 2, 4, 16, 8).bfloat16().unbind(0)
+    want = causal_attention(q.float(), k.float(), v.float()).bfloat16()
+    assert causal_attention(q, k, v).dtype == torch.bfloat16
+    assert torch.equal(causal_attention(q, k, v), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(causal_attention(q, k, v), want)

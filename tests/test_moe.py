@@ -241,3 +241,20 @@ def test_active_params_and_flops_count_only_top_k_experts():
     per_expert = 3 * 32 * model.blocks[0].ffn.experts.w1.size(-1)
     assert model.num_params() - model.num_params(active=True) == 2 * 3 * per_expert
     assert math.isfinite(model.flops_per_token(32))
+
+
+@pytest.mark.parametrize("top_k,router,shared", [(1, "softmax", 0), (2, "softmax", 1), (3, "sigmoid", 0)])
+def test_one_token_path_equals_the_sorted_path(top_k, router, shared):
+    """A decoding step (one token, eval) skips the sort and gather; with no noise and no capacity,
+    training mode takes the general path on the same token and must give the same bits and stats."""
+    layer = make_layer(top_k=top_k, router=router, norm_topk=router == "sigmoid", n_shared_experts=shared,
+                       capacity_factor=None, router_noise="none")
+    for seed in range(5):
+        x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            y_one, s_one = layer.eval()(x)
+            y_all, s_all = layer.train()(x)
+        assert torch.equal(y_one, y_all)
+        assert s_one.keys() == s_all.keys()
+        for key, value in s_all.items():
+            assert torch.equal(torch.as_tensor(s_one[key]), torch.as_tensor(value)), key

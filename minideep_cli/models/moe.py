@@ -140,6 +140,8 @@ class MoE(nn.Module):
         N, k, E = B * T, cfg.top_k, cfg.n_experts
         flat = x.reshape(N, d)
         expert_ids, gates, probs, logits = self.router(flat)  # (N, k), (N, k), (N, E), (N, E)
+        if N == 1 and not self.training:
+            return self.one_token(x, expert_ids, gates, probs, logits)
 
         # Order the N*k assignments by expert, and within an expert by priority.
         a = torch.arange(N * k, device=x.device)
@@ -165,21 +167,44 @@ class MoE(nn.Module):
         y = h.new_zeros(N, d).index_add_(0, token_sorted, h * w.unsqueeze(-1))  # (N, d): add each token's k outputs
         if self.shared is not None:
             y = y + self.shared(flat)
+        return y.view(B, T, d).to(x.dtype), self.stats(expert_ids, gates, probs, logits, counts, keep_tc)
 
-        aux = switch_aux_loss(probs, counts, E)
+    def one_token(self, x: torch.Tensor, expert_ids, gates, probs, logits) -> tuple[torch.Tensor, dict]:
+        """A single token outside training (a decoding step): its k experts run on their own
+        weights and are added in ascending expert order, as the sorted path adds them, without the
+        sorting and gathering that path needs for many tokens; nothing is dropped, since one token
+        takes at most one slot of an expert. x (1, 1, d) -> y (1, 1, d) and the same stats, equal
+        to the general path (tested)."""
+        E, k, d = self.cfg.n_experts, self.cfg.top_k, x.size(-1)
+        flat = x.reshape(1, d)
+        ex, y = self.experts, None
+        for e, j in sorted((e, j) for j, e in enumerate(expert_ids[0].tolist())):
+            h = (F.silu(flat @ ex.w1[e]) * (flat @ ex.w3[e])) @ ex.w2[e]  # (1, d)
+            h = h * gates[0, j].to(h.dtype)
+            y = h if y is None else y + h
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_fill_(0, expert_ids[0], 1)  # (E,)
+        kept = torch.ones(1, k, dtype=torch.bool, device=x.device)
+        return y.view(1, 1, d).to(x.dtype), self.stats(expert_ids, gates, probs, logits, counts, kept)
+
+    def stats(self, expert_ids, gates, probs, logits, counts, kept) -> dict:
+        """Routing statistics (tensors, no host sync) and the weighted balancing losses."""
+        cfg = self.cfg
+        aux = switch_aux_loss(probs, counts, cfg.n_experts)
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-        stats = {
+        return {
             "tokens_per_expert": counts.detach(),
-            "dropped": (~keep).sum().detach(),
-            "assignments": N * k,
+            "dropped": (~kept).sum().detach(),
+            "assignments": kept.numel(),
             "expert_ids": expert_ids.detach(),  # (N, k), tokens in (b, t) order
             "gates": gates.detach(),  # (N, k) weights of the chosen experts
             "probs": probs.detach(),  # (N, E) router probabilities (normalised scores for sigmoid)
-            "kept": keep_tc.detach(),  # (N, k) False where capacity dropped the assignment
+            "kept": kept.detach(),  # (N, k) False where capacity dropped the assignment
             "entropy": entropy.detach(),
             "aux": aux.detach(),
             "z": z.detach(),
             "loss": cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
         }
-        return y.view(B, T, d).to(x.dtype), stats
+
