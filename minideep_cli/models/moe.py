@@ -207,4 +207,3 @@ class MoE(nn.Module):
             "z": z.detach(),
             "loss": cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
         }
-
