@@ -87,7 +87,7 @@ def test_mla_absorbed_equals_naive(q_lora_rank):
     with torch.no_grad():
         naive = attn.naive(q_nope, q_pe, c, k_pe)  # (B, nh, 20, dv)
         for tq in (20, 5, 1):  # the whole sequence; the last tq queries over every key (decoding)
-            absorbed = attn.absorbed(q_nope[:, :, -tq:], q_pe[:, :, -tq:], c, k_pe)
+            absorbed = attn.absorbed(q_nope[:, :, -tq:], q_pe[:, :, -tq:], torch.cat([c, k_pe], -1))
             torch.testing.assert_close(absorbed, naive[:, :, -tq:], rtol=1e-5, atol=1e-5)
 
 

@@ -50,24 +50,25 @@ class KVCache:
 
 
 class LatentKVCache:
-    """MLA's cache for one layer: the normalised KV latent c (B, max_len, kv_lora_rank) and the
-    rotated RoPE key k_pe (B, max_len, qk_rope_head_dim). Nothing per head is stored."""
+    """MLA's cache for one layer: per position the normalised KV latent (kv_lora_rank numbers)
+    followed by the rotated RoPE key (qk_rope_head_dim), in one buffer ckv (B, max_len, r + dr),
+    so decoding reads the keys without concatenating them. Nothing per head is stored."""
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
-        self.c = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
+        self.rank = kv_lora_rank
+        self.ckv = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
 
-    def update(self, pos: int, c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write c (B, T, r), k_pe (B, T, dr) at pos; return everything so far (B, pos+T, ...)."""
+    def update(self, pos: int, c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Write c (B, T, r), k_pe (B, T, dr) at pos; return everything so far, [c, k_pe] (B, pos+T, r+dr)."""
         end = pos + c.size(1)
-        if end > self.c.size(1):
-            raise ValueError(f"MLA cache holds {self.c.size(1)} positions; asked to write up to {end}")
-        self.c[:, pos:end] = c
-        self.k_pe[:, pos:end] = k_pe
-        return self.c[:, :end], self.k_pe[:, :end]
+        if end > self.ckv.size(1):
+            raise ValueError(f"MLA cache holds {self.ckv.size(1)} positions; asked to write up to {end}")
+        self.ckv[:, pos:end, : self.rank] = c
+        self.ckv[:, pos:end, self.rank :] = k_pe
+        return self.ckv[:, :end]
 
     def nbytes(self) -> int:
-        return self.c.nbytes + self.k_pe.nbytes
+        return self.ckv.nbytes
 
 
 class SlotCache:
@@ -233,8 +234,7 @@ class MLAttention(Attention):
         if cache is None:
             y = self.naive(q_nope, q_pe, c, k_pe)
         else:
-            c, k_pe = cache.update(pos, c, k_pe)  # (B, pos+T, r), (B, pos+T, dr)
-            y = self.absorbed(q_nope, q_pe, c, k_pe)
+            y = self.absorbed(q_nope, q_pe, cache.update(pos, c, k_pe))  # cache: (B, pos+T, r+dr)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # y: (B, nh, T, dv)
 
     def naive(self, q_nope, q_pe, c, k_pe) -> torch.Tensor:
@@ -246,17 +246,22 @@ class MLAttention(Attention):
         q = torch.cat([q_nope, q_pe], -1)
         return causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, Tq, dv)
 
-    def absorbed(self, q_nope, q_pe, c, k_pe) -> torch.Tensor:
+    def absorbed(self, q_nope, q_pe, ckv) -> torch.Tensor:
         """Attend in latent space: q_nope·k_nope = (q_nope W_uk)·c, and p·v = (p·c) W_uv^T, so K and
-        V are never built. Every head reads the same (Tk, r + dr) keys."""
-        B, Tk, r = c.shape
-        w_uk, w_uv = self.wkv_b.weight.view(self.n_head, self.dn + self.dv, r).split([self.dn, self.dv], 1)
-        q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe], -1)  # (B, nh, Tq, r+dr)
-        k = torch.cat([c, k_pe], -1).unsqueeze(1).expand(B, self.n_head, Tk, r + self.dr)  # (B, nh, Tk, r+dr)
-        v = c.unsqueeze(1).expand(B, self.n_head, Tk, r)  # (B, nh, Tk, r)
+        V are never built. Every head reads the same keys ckv = [c, k_pe] (B, Tk, r+dr)."""
+        B, Tk, _ = ckv.shape
+        H, Tq, r = self.n_head, q_nope.size(2), self.rank
+        w_uk, w_uv = self.wkv_b.weight.view(H, self.dn + self.dv, r).split([self.dn, self.dv], 1)
+        q = torch.cat([q_nope @ w_uk, q_pe], -1)  # (B, nh, Tq, dn) @ (nh, dn, r) -> (B, nh, Tq, r+dr)
         scale = 1.0 / math.sqrt(self.dn + self.dr)  # the naive path's scale
-        o = causal_attention(q, k, v, self.dropout if self.training else 0.0, scale=scale)  # (B, nh, Tq, r)
-        return torch.einsum("bhtr,hdr->bhtd", o, w_uv)  # (B, nh, Tq, dv)
+        if Tq == 1 and not self.training:  # a decoding step sees every key: the heads are rows of one product
+            s = torch.bmm(q.view(B, H, r + self.dr), ckv.transpose(1, 2)) * scale  # (B, nh, Tk)
+            o = torch.bmm(s.float().softmax(-1).to(ckv.dtype), ckv[..., :r]).view(B, H, 1, r)
+        else:
+            k = ckv.unsqueeze(1).expand(B, H, Tk, r + self.dr)  # (B, nh, Tk, r+dr)
+            v = ckv[..., :r].unsqueeze(1).expand(B, H, Tk, r)  # (B, nh, Tk, r)
+            o = causal_attention(q, k, v, self.dropout if self.training else 0.0, scale=scale)  # (B, nh, Tq, r)
+        return o @ w_uv.transpose(1, 2)  # (B, nh, Tq, r) @ (nh, r, dv) -> (B, nh, Tq, dv)
 
 
 # ---------------------------------------------------------------- latent
