@@ -69,8 +69,7 @@ def cpu_flags() -> set[str]:
 
 def cpu_native_bf16(flags: set[str] | None = None) -> bool:
     """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16): there bf16 matrix
-    products run ~3.7x faster than fp32 (oneDNN, measured on an AMD EPYC); elsewhere bf16 is
-    emulated and slower than fp32."""
+    products are faster than fp32; elsewhere bf16 is emulated and slower."""
     flags = cpu_flags() if flags is None else flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 

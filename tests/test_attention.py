@@ -336,8 +336,12 @@ def test_low_precision_attention_on_cpu_runs_in_fp32(q_len):
     torch.manual_seed(0)
     q = torch.randn(2, 4, q_len, 8).bfloat16()
     k, v = torch.randn(2, 2, 4, 16, 8).bfloat16().unbind(0)
-    want = causal_attention(q.float(), k.float(), v.float()).bfloat16()
-    assert causal_attention(q, k, v).dtype == torch.bfloat16
-    assert torch.equal(causal_attention(q, k, v), want)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(causal_attention(q, k, v), want)
+    for dropout, scale in [(0.0, None), (0.0, 0.3), (0.5, 0.3)]:  # both reach the fp32 call
+        torch.manual_seed(1)
+        want = causal_attention(q.float(), k.float(), v.float(), dropout, scale).bfloat16()
+        torch.manual_seed(1)
+        got = causal_attention(q, k, v, dropout, scale)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(causal_attention(q, k, v, dropout, scale), want)

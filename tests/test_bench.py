@@ -127,21 +127,21 @@ def test_parse_bytes_and_gpu_peaks():
     assert gpu_peak("Some Future GPU")["tflops"] is None
 
 
-
 def test_cpu_peak_by_hand_for_fp32_and_native_bf16(monkeypatch):
     monkeypatch.setattr(bench, "cpu_ghz", lambda: (2.0, "test"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    fp32 = 2 * 2.0e9 * 2 * 2 * 16  # 2 threads x 2 GHz x 2 FMA pipes x 2 FLOPs x 16 fp32 lanes
-    assert cpu_peak(2, torch.float32, {"avx512_bf16"})["tflops"] * 1e12 == fp32
-    assert cpu_peak(2, torch.bfloat16, set())["tflops"] * 1e12 == fp32  # emulated bf16: no faster
-    assert cpu_peak(2, torch.bfloat16, {"avx512_bf16"})["tflops"] * 1e12 == 2 * fp32
-    assert cpu_peak(2, torch.bfloat16, {"avx512_bf16", "amx_bf16"})["tflops"] * 1e12 == 2 * 2.0e9 * 1024
+    fp32 = 2 * 2.0e9 * 2 * 2 * 16 / 1e12  # TFLOPS: 2 threads x 2 GHz x 2 FMA pipes x 2 FLOPs x 16 fp32 lanes
+    assert cpu_peak(2, torch.float32, {"avx512_bf16"})["tflops"] == pytest.approx(fp32)
+    assert cpu_peak(2, torch.bfloat16, set())["tflops"] == pytest.approx(fp32)  # emulated bf16: no faster
+    assert cpu_peak(2, torch.bfloat16, {"avx512_bf16"})["tflops"] == pytest.approx(2 * fp32)
+    assert cpu_peak(2, torch.bfloat16, {"avx512_bf16", "amx_bf16"})["tflops"] == pytest.approx(2 * 2.0e9 * 1024 / 1e12)
     assert "AVX512-BF16" in cpu_peak(2, torch.bfloat16, {"avx512_bf16"})["source"]
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
     assert cpu_native_bf16({"avx2", "avx512_bf16"}) and cpu_native_bf16({"amx_bf16"})
     assert not cpu_native_bf16({"avx2", "avx512f", "avx512bw"}) and not cpu_native_bf16(set())
+
 
 # ---------------------------------------------------------------- JSON layout
 

@@ -10,7 +10,8 @@ One MoE layer, for N tokens of width d, E experts and top-k routing:
            position-major order (all sequences' position 0, then 1, ...), so a token's fate never
            depends on later tokens of its own sequence
   dispatch sort the N*k assignments by expert, run each expert on its contiguous slice
-           (grouped matmuls where available), weight by gates, sum a token's k outputs
+           (grouped matmuls where available), weight by gates, sum a token's k outputs; a
+           single token at inference on CPU (a decoding step) runs its k experts directly
   balance  Switch aux loss E * sum_i f_i P_i (1.0 when uniform) and router z-loss
 """
 
@@ -108,8 +109,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        # a decoding step on CPU (a token's k rows, fewer than the experts): a grouped matmul would
-        # still visit every expert, so loop over the few experts that received a row instead
+        # fewer rows than experts on CPU (a prompt of a few tokens; a single token takes
+        # MoE.one_token): a grouped matmul would still visit every expert, so loop over the few
+        # experts that received a row instead
         few_rows = x.device.type == "cpu" and x.size(0) < len(counts)
         if self.grouped and not few_rows and grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
             # torch.compile traces grouped_mm for bf16 only (its shape rule rejects fp32): other
@@ -119,10 +121,13 @@ class Experts(nn.Module):
         out, start = [], 0  # otherwise: a loop over the experts that received rows (never over tokens)
         for e, n in enumerate(counts.tolist()):
             if n:
-                xe = x[start : start + n]
-                out.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
+                out.append(self.one(e, x[start : start + n]))
             start += n
         return torch.cat(out) if out else x.new_zeros(0, self.w2.size(-1))
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x (n, d) -> (n, d)."""
+        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
 
 class MoE(nn.Module):
@@ -134,13 +139,13 @@ class MoE(nn.Module):
         self.shared = SwiGLU(cfg.n_embd, cfg.n_shared_experts * expert_hidden) if cfg.n_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """x (B, T, d) -> y (B, T, d), routing stats (tensors, no host sync)."""
+        """x (B, T, d) -> y (B, T, d), routing stats (tensors; no host sync on CUDA)."""
         cfg = self.cfg
         B, T, d = x.shape
         N, k, E = B * T, cfg.top_k, cfg.n_experts
         flat = x.reshape(N, d)
         expert_ids, gates, probs, logits = self.router(flat)  # (N, k), (N, k), (N, E), (N, E)
-        if N == 1 and not self.training:
+        if N == 1 and not self.training and x.device.type == "cpu":  # a decoding step
             return self.one_token(x, expert_ids, gates, probs, logits)
 
         # Order the N*k assignments by expert, and within an expert by priority.
@@ -170,18 +175,21 @@ class MoE(nn.Module):
         return y.view(B, T, d).to(x.dtype), self.stats(expert_ids, gates, probs, logits, counts, keep_tc)
 
     def one_token(self, x: torch.Tensor, expert_ids, gates, probs, logits) -> tuple[torch.Tensor, dict]:
-        """A single token outside training (a decoding step): its k experts run on their own
-        weights and are added in ascending expert order, as the sorted path adds them, without the
-        sorting and gathering that path needs for many tokens; nothing is dropped, since one token
-        takes at most one slot of an expert. x (1, 1, d) -> y (1, 1, d) and the same stats, equal
-        to the general path (tested)."""
+        """A single token outside training on CPU (a decoding step): its k experts run on their own
+        weights, added in ascending expert order in fp32 as the sorted path's index_add adds them,
+        without the sorting and gathering that path needs for many tokens; nothing is dropped, as
+        one token takes at most one slot of an expert. x (1, 1, d) -> y (1, 1, d) and the same
+        stats. Bit for bit the general path's result where that path loops over experts too
+        (top_k < n_experts), else equal up to rounding (tested). CPU only: on CUDA the loop would
+        wait for the chosen ids once per layer, and it is unmeasured there."""
         E, k, d = self.cfg.n_experts, self.cfg.top_k, x.size(-1)
         flat = x.reshape(1, d)
-        ex, y = self.experts, None
+        acc = None
         for e, j in sorted((e, j) for j, e in enumerate(expert_ids[0].tolist())):
-            h = (F.silu(flat @ ex.w1[e]) * (flat @ ex.w3[e])) @ ex.w2[e]  # (1, d)
-            h = h * gates[0, j].to(h.dtype)
-            y = h if y is None else y + h
+            h = self.experts.one(e, flat)  # (1, d)
+            weighted = (h * gates[0, j].to(h.dtype)).float()
+            acc = weighted if acc is None else acc + weighted
+        y = acc.to(h.dtype)
         if self.shared is not None:
             y = y + self.shared(flat)
         counts = torch.zeros(E, dtype=torch.long, device=x.device).index_fill_(0, expert_ids[0], 1)  # (E,)
