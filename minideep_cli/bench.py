@@ -71,6 +71,10 @@ class BenchOptions:
     moe_tokens: int = MOE_REFERENCE["tokens"]
     device_memory: Optional[int] = None  # bytes; --device-memory
     measure_memory: bool = True  # compare the estimate with a measured peak (memory section)
+    matmul_n: Optional[int] = None  # side of the timed square matmul; None: 2,048 on CPU (~0.1 s), 8,192 on GPU
+
+    def matmul_size(self, device: str) -> int:
+        return self.matmul_n or (2048 if device == "cpu" else 8192)
 
     @classmethod
     def for_run(cls, quick: bool, sections: tuple[str, ...], **kw) -> "BenchOptions":
@@ -128,20 +132,30 @@ def cpu_ghz() -> tuple[float, str]:
     return 3.0, "assumed"
 
 
-def cpu_peak(threads: int, dtype=torch.float32, flags: Optional[set] = None) -> dict:
-    """FP32 peak = threads x GHz x FMA pipes (2) x 2 FLOPs per FMA x SIMD lanes (width / 32 bits).
-    The SIMD width is the one torch dispatches to (AVX-512: 512, AVX2: 256, else 128). An upper
-    bound: CPUs that split 512-bit instructions into two 256-bit halves (AMD Zen 4) reach half.
-    bf16 on a CPU with AVX512-BF16 doubles it (each 32-bit lane takes a pair of bf16 products);
-    with AMX, 1,024 bf16 FLOPs per cycle per core (one tile unit); without either, bf16 is emulated
-    and the fp32 peak stays the bound."""
-    from .train import cpu_flags
-
-    flags = cpu_flags() if flags is None else flags
-    cap = torch.backends.cpu.get_cpu_capability()
+def simd_datapath(cap: str, info: dict[str, str]) -> tuple[int, str]:
+    """Bits of fp32 work per FMA pipe per cycle: the vector width torch dispatches to (AVX-512: 512,
+    AVX2: 256, else 128), except on AMD Zen 4 (vendor AuthenticAMD, family 25: the first AMD cores
+    with AVX-512), which runs each 512-bit instruction as two 256-bit halves."""
     simd = 512 if "AVX512" in cap else 256 if "AVX2" in cap else 128
+    if simd == 512 and info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25":
+        return 256, f"{cap} on 256-bit halves (AMD Zen 4)"
+    return simd, cap
+
+
+def cpu_peak(threads: int, dtype=torch.float32, info: Optional[dict] = None) -> dict:
+    """FP32 peak = threads x GHz x FMA pipes (2) x 2 FLOPs per FMA x fp32 lanes (datapath / 32 bits;
+    see simd_datapath). The clock is the one Linux reports, on a VM often the base clock: a CPU
+    boosting above it can exceed the estimate, so bench also times a matmul (`matmul_tflops`).
+    bf16 on a CPU with AVX512-BF16 doubles the peak (each 32-bit lane takes a pair of bf16
+    products); with AMX, 1,024 bf16 FLOPs per cycle per core (one tile unit); without either,
+    bf16 is emulated and the fp32 peak stays the bound."""
+    from .train import cpu_flags, cpu_info
+
+    info = cpu_info() if info is None else info
+    flags = cpu_flags(info)
+    simd, simd_how = simd_datapath(torch.backends.cpu.get_cpu_capability(), info)
     ghz, ghz_source = cpu_ghz()
-    per_cycle, how = FMA_UNITS * 2 * (simd // 32), f"{FMA_UNITS} FMA x 2 x {simd // 32} fp32 lanes ({cap})"
+    per_cycle, how = FMA_UNITS * 2 * (simd // 32), f"{FMA_UNITS} FMA x 2 x {simd // 32} fp32 lanes ({simd_how})"
     if dtype == torch.bfloat16 and "amx_bf16" in flags:
         per_cycle, how = 1024, "1,024 bf16 FLOPs per cycle (AMX)"
     elif dtype == torch.bfloat16 and "avx512_bf16" in flags:
@@ -162,6 +176,20 @@ def device_peak(device: str, dtype=torch.float32) -> dict:
     if device.startswith("cuda"):
         return gpu_peak(torch.cuda.get_device_name(torch.device(device)))
     return cpu_peak(torch.get_num_threads(), dtype)
+
+
+def matmul_fn(device: str, dtype, n: int) -> tuple[Callable[[], object], float]:
+    """One n x n x n matrix product in the step's precision, and its FLOPs: timed next to a step,
+    the rate this machine's matrix unit delivers in practice, where the peak is a specification
+    (GPU) or an estimate (CPU)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b, c = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(3))
+    return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
+
+
+def matmul_tflops(device: str, dtype, opts: "BenchOptions") -> float:
+    fn, flops = matmul_fn(device, dtype, opts.matmul_size(device))
+    return flops / median_times({"mm": fn}, opts.repeats, opts.warmup, syncer(device))["mm"] / 1e12
 
 
 # ---------------------------------------------------------------- train
@@ -235,12 +263,14 @@ def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
     fpt = model.flops_per_token(T)
     peak = device_peak(device, dtype)
     achieved = tps * fpt
+    matmul = matmul_tflops(device, dtype, opts)
     return {
         "device": peak["name"], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "params": model.num_params(), "active_params": model.num_params(active=True),
         "batch_size": B, "block_size": T, "step_ms": sec * 1e3, "tokens_per_sec": tps,
         "flops_per_token": fpt, "achieved_tflops": achieved / 1e12, "peak_tflops": peak["tflops"],
         "peak_source": peak["source"], "mfu": achieved / (peak["tflops"] * 1e12) if peak["tflops"] else None,
+        "matmul_tflops": matmul, "matmul_fraction": achieved / (matmul * 1e12),
     }
 
 
@@ -705,12 +735,15 @@ def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype)
         torch.manual_seed(0)
         mcfg, hf = hf_twin(cfg)
         ours = build_model(mcfg.model).to(device)
-        t = median_times({"minideep": train_step_fn(ours, mcfg, device, dtype), "transformers": hf_step_fn(hf, mcfg, device, dtype)},
-                         opts.repeats, opts.warmup, syncer(device))
+        matmul, matmul_flops = matmul_fn(device, dtype, opts.matmul_size(device))  # the ceiling, timed alongside
+        t = median_times({"minideep": train_step_fn(ours, mcfg, device, dtype), "transformers": hf_step_fn(hf, mcfg, device, dtype),
+                          "matmul": matmul}, opts.repeats, opts.warmup, syncer(device))
         tokens = mcfg.train.batch_size * mcfg.model.block_size
         train_rows.append({"arch": arch, "hf_class": type(hf).__name__, "n_layer": mcfg.model.n_layer, "n_embd": mcfg.model.n_embd,
                            "tokens_per_step": tokens, "minideep_tokens_per_sec": tokens / t["minideep"],
-                           "hf_tokens_per_sec": tokens / t["transformers"], "speedup": t["transformers"] / t["minideep"]})
+                           "hf_tokens_per_sec": tokens / t["transformers"], "speedup": t["transformers"] / t["minideep"],
+                           "flops_per_token": ours.flops_per_token(mcfg.model.block_size),
+                           "matmul_tflops": matmul_flops / t["matmul"] / 1e12})
         if arch == "gpt2":  # transformers' generate with its cache, on the same GPT-2 at 512 tokens of context
             ctx_len, n = 512, opts.decode_tokens
             d = copy.deepcopy(mcfg)

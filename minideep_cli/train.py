@@ -55,16 +55,25 @@ def pick_device(name: str) -> str:
     return name
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields as Linux lists them in /proc/cpuinfo ("flags", "vendor_id", "cpu
+    family", ...); empty elsewhere."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():  # the end of the first CPU's block
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return set()
+    return info
+
+
+def cpu_flags(info: dict[str, str] | None = None) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return set((cpu_info() if info is None else info).get("flags", "").split())
 
 
 def cpu_native_bf16(flags: set[str] | None = None) -> bool:

@@ -6,15 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model_cfg
 
 from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.generate import generate
 from minideep_cli.models import build_model
-from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, causal_attention,
-                                           slot_attention_parallel, slot_attention_step)
-from minideep_cli.models.layers import apply_rope, rope_tables
+from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, attention_with_dropout,
+                                           causal_attention, slot_attention_parallel, slot_attention_step)
+from minideep_cli.models.layers import apply_rope, keep_scale, rope_tables
 
 VARIANTS = ["gqa", "mla", "latent"]
 # tiny widths: n_embd 32, 4 heads of 8, 2 KV heads
@@ -345,3 +346,49 @@ def test_low_precision_attention_on_cpu_runs_in_fp32(q_len):
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(causal_attention(q, k, v, dropout, scale), want)
+
+
+def test_keep_scale_drops_p_in_every_lane_and_keeps_the_mean():
+    """Four 16-bit masks come from each 64-bit random number: every quarter (the one holding the
+    sign bit too) must drop at rate p, and the kept values restore the mean."""
+    for p in (0.1, 0.5, 0.9):
+        torch.manual_seed(0)
+        m = keep_scale((250_001,), p)  # odd length: the last random number is partly unused
+        p_used = round(p * 65536) / 65536
+        dropped = m == 0
+        assert torch.equal(m[~dropped], torch.full_like(m[~dropped], 1 / (1 - p_used)))
+        assert abs(dropped.float().mean().item() - p) < 0.003
+        for lane in range(4):
+            assert abs(dropped[lane::4].float().mean().item() - p) < 0.006, (p, lane)
+        assert abs(m.mean().item() - 1) < 0.02
+        torch.manual_seed(0)
+        assert torch.equal(keep_scale((250_001,), p), m)  # replayed from the generator (checkpointing recomputes it)
+
+
+@pytest.mark.parametrize("tq", [16, 5])  # training, and a prefix of queries over a longer cache
+def test_attention_dropout_drops_weights_after_the_softmax(tq):
+    """causal_attention with dropout on CPU (attention_with_dropout) against attention written per
+    query with the same mask: softmax over the keys the query may see, then drop and rescale."""
+    torch.manual_seed(0)
+    B, H, Tk, D = 2, 3, 16, 8
+    q = torch.randn(B, H, tq, D, requires_grad=True)
+    k, v = (t.requires_grad_() for t in torch.randn(2, B, H, Tk, D).unbind(0))
+    torch.manual_seed(1)
+    got = causal_attention(q, k, v, 0.3, 0.4)
+    torch.manual_seed(1)
+    mask = keep_scale((B, H, tq, Tk), 0.3)
+    rows = []
+    for i in range(tq):
+        seen = Tk - tq + i + 1  # query i sits at position Tk - tq + i
+        w = (q[:, :, i : i + 1] @ k[:, :, :seen].transpose(-2, -1) * 0.4).softmax(-1)  # (B, H, 1, seen)
+        rows.append((w * mask[:, :, i : i + 1, :seen]) @ v[:, :, :seen])
+    want = torch.cat(rows, 2)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+    # nothing dropped: torch's attention
+    causal = torch.ones(tq, Tk, dtype=torch.bool).tril(Tk - tq)
+    torch.testing.assert_close(attention_with_dropout(q, k, v, 0.0, 0.4),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.4))

@@ -22,7 +22,8 @@ from minideep_cli.train import cpu_native_bf16
 TOP = {"schema_version", "minideep", "torch", "python", "preset", "arch", "attention", "quick", "device", "threads",
        "sections", "elapsed_sec", "train", "moe", "decode", "memory", "tokenizer", "peers"}
 TRAIN = {"device", "dtype", "threads", "params", "active_params", "batch_size", "block_size", "step_ms",
-         "tokens_per_sec", "flops_per_token", "achieved_tflops", "peak_tflops", "peak_source", "mfu"}
+         "tokens_per_sec", "flops_per_token", "achieved_tflops", "peak_tflops", "peak_source", "mfu",
+         "matmul_tflops", "matmul_fraction"}
 MOE = {"rows"}
 MOE_ROW = {"name", "tokens", "n_embd", "n_experts", "top_k", "expert_hidden", "dense_hidden", "moe_ms", "dense_ms",
            "loop_ms", "moe_vs_dense", "moe_vs_loop"}
@@ -38,11 +39,12 @@ MEMORY_CHECK = {"model", "grad_checkpointing", "estimated_bytes", "measured_byte
 TOKENIZER = {"corpus_bytes", "vocab_size", "train_sec", "encode_mb_per_sec", "tokens", "bytes_per_token"}
 PEERS = {"transformers", "train", "decode"}
 PEERS_TRAIN = {"arch", "hf_class", "n_layer", "n_embd", "tokens_per_step", "minideep_tokens_per_sec",
-               "hf_tokens_per_sec", "speedup"}
+               "hf_tokens_per_sec", "speedup", "flops_per_token", "matmul_tflops"}
 PEERS_DECODE = {"arch", "context", "minideep_tokens_per_sec", "hf_tokens_per_sec", "speedup"}
 ALL_KEY_SETS = [TOP, TRAIN, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
                 TOKENIZER, PEERS, PEERS_TRAIN, PEERS_DECODE]
-FAST = dict(warmup=0, repeats=1, moe_repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False)
+FAST = dict(warmup=0, repeats=1, moe_repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False,
+            matmul_n=64)
 
 
 def tiny_config(arch: str, **model) -> Config:
@@ -130,12 +132,27 @@ def test_parse_bytes_and_gpu_peaks():
 def test_cpu_peak_by_hand_for_fp32_and_native_bf16(monkeypatch):
     monkeypatch.setattr(bench, "cpu_ghz", lambda: (2.0, "test"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    intel = {"vendor_id": "GenuineIntel", "cpu family": "6"}
     fp32 = 2 * 2.0e9 * 2 * 2 * 16 / 1e12  # TFLOPS: 2 threads x 2 GHz x 2 FMA pipes x 2 FLOPs x 16 fp32 lanes
-    assert cpu_peak(2, torch.float32, {"avx512_bf16"})["tflops"] == pytest.approx(fp32)
-    assert cpu_peak(2, torch.bfloat16, set())["tflops"] == pytest.approx(fp32)  # emulated bf16: no faster
-    assert cpu_peak(2, torch.bfloat16, {"avx512_bf16"})["tflops"] == pytest.approx(2 * fp32)
-    assert cpu_peak(2, torch.bfloat16, {"avx512_bf16", "amx_bf16"})["tflops"] == pytest.approx(2 * 2.0e9 * 1024 / 1e12)
-    assert "AVX512-BF16" in cpu_peak(2, torch.bfloat16, {"avx512_bf16"})["source"]
+    assert cpu_peak(2, torch.float32, {**intel, "flags": "avx512f avx512_bf16"})["tflops"] == pytest.approx(fp32)
+    assert cpu_peak(2, torch.bfloat16, {**intel, "flags": "avx512f"})["tflops"] == pytest.approx(fp32)  # emulated bf16
+    assert cpu_peak(2, torch.bfloat16, {**intel, "flags": "avx512_bf16"})["tflops"] == pytest.approx(2 * fp32)
+    amx = cpu_peak(2, torch.bfloat16, {**intel, "flags": "avx512_bf16 amx_bf16"})
+    assert amx["tflops"] == pytest.approx(2 * 2.0e9 * 1024 / 1e12)
+    assert "AVX512-BF16" in cpu_peak(2, torch.bfloat16, {"flags": "avx512_bf16"})["source"]
+    # AMD Zen 4 (family 25 with AVX-512) runs 512-bit instructions as two 256-bit halves: 8 fp32 lanes
+    zen4 = {"vendor_id": "AuthenticAMD", "cpu family": "25", "flags": "avx512f avx512_bf16"}
+    assert cpu_peak(2, torch.float32, zen4)["tflops"] == pytest.approx(fp32 / 2)
+    assert cpu_peak(2, torch.bfloat16, zen4)["tflops"] == pytest.approx(fp32)
+    assert "Zen 4" in cpu_peak(2, torch.float32, zen4)["source"]
+    zen5 = {**zen4, "cpu family": "26"}  # full 512-bit datapath
+    assert cpu_peak(2, torch.float32, zen5)["tflops"] == pytest.approx(fp32)
+
+
+def test_matmul_rate_is_the_products_flops_over_the_median_time(monkeypatch):
+    monkeypatch.setattr(bench, "median_times", lambda fns, repeats, warmup, sync: {"mm": 0.5})
+    assert bench.matmul_tflops("cpu", torch.float32, BenchOptions()) == pytest.approx(2 * 2048**3 / 0.5 / 1e12)
+    assert bench.matmul_tflops("cpu", torch.float32, BenchOptions(matmul_n=64)) == pytest.approx(2 * 64**3 / 0.5 / 1e12)
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
@@ -202,6 +219,7 @@ def test_peers_keys_when_transformers_is_installed():
     assert set(p) == PEERS and [r["arch"] for r in p["train"]] == ["gpt2", "moe"]
     assert [r["hf_class"] for r in p["train"]] == ["GPT2LMHeadModel", "MixtralForCausalLM"]
     assert all(set(r) == PEERS_TRAIN for r in p["train"]) and all(set(r) == PEERS_DECODE for r in p["decode"])
+    assert p["train"][0]["flops_per_token"] == build_model(tiny_model_cfg("gpt2")).flops_per_token(32)
 
 
 def test_readme_documents_every_json_key():

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import attention_dropout
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, apply_rope, keep_scale
 
 # ---------------------------------------------------------------- caches
 
@@ -119,12 +119,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
             return causal_attention(q.float(), k.float(), v.float(), dropout, scale).to(q.dtype)
     tq, tk = q.size(2), k.size(2)
+    if dropout > 0 and q.device.type == "cpu":
+        return attention_with_dropout(q, k, v, dropout, scale)
     if tq == tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
     if tq == 1:  # one new token sees everything cached
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
     mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                           scale: float | None = None) -> torch.Tensor:
+    """Causal attention with dropout on its weights, written out: on CPU torch's fused kernel has no
+    dropout, and its fallback (these same steps) draws the mask one Bernoulli number per weight,
+    where keep_scale draws four per random number. Shapes as causal_attention."""
+    tq, tk = q.size(2), k.size(2)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
+    future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(diagonal=tk - tq + 1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return (weights * keep_scale(weights.shape, p, q.device, weights.dtype)) @ v  # (B, H, Tq, Dv)
 
 
 class Attention(nn.Module):

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+def keep_scale(shape, p: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The inverted-dropout multiplier: 0 with probability p, else 1/(1-p). Drawn 16 bits at a time,
+    four to a 64-bit random number, so p is taken to the nearest 1/65,536 (0.1 -> 0.100006) and the
+    kept values scaled by that p's 1/(1-p). On CPU, where torch draws one number per element on one
+    core, this is ~4x faster (a micro-benchmark, one 16 x 6 x 128 x 128 mask: 2.1 ms against 9.1
+    ms for bernoulli_ and 7.6 ms for torch.rand), which matters for attention-weight dropout."""
+    n = math.prod(shape)
+    cut = min(round(p * 65536), 65535)  # drop where the 16-bit draw, read as a signed number, is below cut - 32,768
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # every bit uniform
+    keep = words.view(torch.int16)[:n].view(shape) >= cut - 32768
+    return keep.to(dtype).mul_(1 / (1 - cut / 65536))
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, skipped outright where it does nothing (eval, p = 0): decoding one token
-    at a time pays for every call, and an eval-mode nn.Dropout is still a call. On CPU the mask is
-    drawn with torch.rand, not F.dropout's Bernoulli sampler: forward + backward on a 16 x 128 x 192
-    activation, 2.1 against 3.8 ms."""
+    at a time pays for every call, and an eval-mode nn.Dropout is still a call. On CPU the mask
+    comes from keep_scale, not F.dropout's Bernoulli sampler, which draws one number per element."""
     if not training or p == 0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    keep = torch.rand(x.shape, device=x.device).ge_(p).to(x.dtype).mul_(1 / (1 - p))  # 0 or 1/(1-p)
-    return x * keep
+    return x * keep_scale(x.shape, p, x.device, x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -45,6 +45,8 @@ def render_bench(console, r: dict) -> None:
                     "-" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%")
         console.print(tab)
         console.print(f"  peak: {t['peak_source']}")
+        console.print(f"  a {t['dtype']} square matmul here runs at {t['matmul_tflops']:.3f} TFLOPS: the step reaches "
+                      f"{100 * t['matmul_fraction']:.0f}% of it")
     if r["moe"]:
         tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
                      "loop", "MoE / dense", "MoE / loop")
@@ -87,6 +89,12 @@ def render_bench(console, r: dict) -> None:
             tab.add_row(f"decode {row['arch']}, {row['context']} context, KV cache",
                         f"{row['minideep_tokens_per_sec']:,.1f}", f"{row['hf_tokens_per_sec']:,.1f}", _x(row["speedup"]))
         console.print(tab)
+        for row in p["train"]:
+            share = {k: row[f"{k}_tokens_per_sec"] * row["flops_per_token"] / (row["matmul_tflops"] * 1e12)
+                     for k in ("minideep", "hf")}
+            console.print(f"  train {row['arch']}: a square matmul timed alongside ran at {row['matmul_tflops']:.3f} TFLOPS; "
+                          f"the steps reach {100 * share['minideep']:.0f}% (minideep) and {100 * share['hf']:.0f}% "
+                          "(transformers) of it")
     console.print(f"done in {r['elapsed_sec']:.1f} s")
 
 
