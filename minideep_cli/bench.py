@@ -134,8 +134,10 @@ def cpu_ghz() -> tuple[float, str]:
 
 def simd_datapath(cap: str, info: dict[str, str]) -> tuple[int, str]:
     """Bits of fp32 work per FMA pipe per cycle: the vector width torch dispatches to (AVX-512: 512,
-    AVX2: 256, else 128), except on AMD Zen 4 (vendor AuthenticAMD, family 25: the first AMD cores
-    with AVX-512), which runs each 512-bit instruction as two 256-bit halves."""
+    AVX2: 256, else 128), except on AMD Zen 4 (vendor AuthenticAMD, family 25 with AVX-512; Zen 3,
+    also family 25, has none), which runs each 512-bit instruction as two 256-bit halves. Laptop
+    Zen 5 parts (family 26) split it too but are not told apart from desktop and server Zen 5,
+    which do not: there the estimate is twice what the CPU can do."""
     simd = 512 if "AVX512" in cap else 256 if "AVX2" in cap else 128
     if simd == 512 and info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25":
         return 256, f"{cap} on 256-bit halves (AMD Zen 4)"
@@ -183,7 +185,8 @@ def matmul_fn(device: str, dtype, n: int) -> tuple[Callable[[], object], float]:
     the rate this machine's matrix unit delivers in practice, where the peak is a specification
     (GPU) or an estimate (CPU)."""
     g = torch.Generator(device=device).manual_seed(0)
-    a, b, c = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(3))
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=dtype)
     return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
 
 
@@ -263,14 +266,14 @@ def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
     fpt = model.flops_per_token(T)
     peak = device_peak(device, dtype)
     achieved = tps * fpt
-    matmul = matmul_tflops(device, dtype, opts)
+    matmul_rate = matmul_tflops(device, dtype, opts)
     return {
         "device": peak["name"], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "params": model.num_params(), "active_params": model.num_params(active=True),
         "batch_size": B, "block_size": T, "step_ms": sec * 1e3, "tokens_per_sec": tps,
         "flops_per_token": fpt, "achieved_tflops": achieved / 1e12, "peak_tflops": peak["tflops"],
         "peak_source": peak["source"], "mfu": achieved / (peak["tflops"] * 1e12) if peak["tflops"] else None,
-        "matmul_tflops": matmul, "matmul_fraction": achieved / (matmul * 1e12),
+        "matmul_tflops": matmul_rate, "matmul_fraction": achieved / (matmul_rate * 1e12),
     }
 
 
@@ -735,15 +738,17 @@ def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype)
         torch.manual_seed(0)
         mcfg, hf = hf_twin(cfg)
         ours = build_model(mcfg.model).to(device)
-        matmul, matmul_flops = matmul_fn(device, dtype, opts.matmul_size(device))  # the ceiling, timed alongside
+        matmul, matmul_flops = matmul_fn(device, dtype, opts.matmul_size(device))  # the reference, timed alongside
         t = median_times({"minideep": train_step_fn(ours, mcfg, device, dtype), "transformers": hf_step_fn(hf, mcfg, device, dtype),
                           "matmul": matmul}, opts.repeats, opts.warmup, syncer(device))
+        fpt = ours.flops_per_token(mcfg.model.block_size)
         tokens = mcfg.train.batch_size * mcfg.model.block_size
         train_rows.append({"arch": arch, "hf_class": type(hf).__name__, "n_layer": mcfg.model.n_layer, "n_embd": mcfg.model.n_embd,
                            "tokens_per_step": tokens, "minideep_tokens_per_sec": tokens / t["minideep"],
                            "hf_tokens_per_sec": tokens / t["transformers"], "speedup": t["transformers"] / t["minideep"],
-                           "flops_per_token": ours.flops_per_token(mcfg.model.block_size),
-                           "matmul_tflops": matmul_flops / t["matmul"] / 1e12})
+                           "flops_per_token": fpt, "matmul_tflops": matmul_flops / t["matmul"] / 1e12,
+                           "minideep_matmul_fraction": tokens / t["minideep"] * fpt * t["matmul"] / matmul_flops,
+                           "hf_matmul_fraction": tokens / t["transformers"] * fpt * t["matmul"] / matmul_flops})
         if arch == "gpt2":  # transformers' generate with its cache, on the same GPT-2 at 512 tokens of context
             ctx_len, n = 512, opts.decode_tokens
             d = copy.deepcopy(mcfg)

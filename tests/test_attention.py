@@ -365,23 +365,26 @@ def test_keep_scale_drops_p_in_every_lane_and_keeps_the_mean():
         assert torch.equal(keep_scale((250_001,), p), m)  # replayed from the generator (checkpointing recomputes it)
 
 
+@pytest.mark.parametrize("hkv", [4, 2])  # one key/value head per query head, and grouped (2 per group)
 @pytest.mark.parametrize("tq", [16, 5])  # training, and a prefix of queries over a longer cache
-def test_attention_dropout_drops_weights_after_the_softmax(tq):
+def test_attention_dropout_drops_weights_after_the_softmax(tq, hkv):
     """causal_attention with dropout on CPU (attention_with_dropout) against attention written per
-    query with the same mask: softmax over the keys the query may see, then drop and rescale."""
+    query with the same mask: softmax over the keys the query may see, then drop and rescale.
+    Query head h reads key/value head h // (H / Hkv)."""
     torch.manual_seed(0)
-    B, H, Tk, D = 2, 3, 16, 8
+    B, H, Tk, D = 2, 4, 16, 8
     q = torch.randn(B, H, tq, D, requires_grad=True)
-    k, v = (t.requires_grad_() for t in torch.randn(2, B, H, Tk, D).unbind(0))
+    k, v = (t.requires_grad_() for t in torch.randn(2, B, hkv, Tk, D).unbind(0))
     torch.manual_seed(1)
     got = causal_attention(q, k, v, 0.3, 0.4)
     torch.manual_seed(1)
     mask = keep_scale((B, H, tq, Tk), 0.3)
+    kh, vh = k.repeat_interleave(H // hkv, 1), v.repeat_interleave(H // hkv, 1)  # (B, H, Tk, D)
     rows = []
     for i in range(tq):
         seen = Tk - tq + i + 1  # query i sits at position Tk - tq + i
-        w = (q[:, :, i : i + 1] @ k[:, :, :seen].transpose(-2, -1) * 0.4).softmax(-1)  # (B, H, 1, seen)
-        rows.append((w * mask[:, :, i : i + 1, :seen]) @ v[:, :, :seen])
+        w = (q[:, :, i : i + 1] @ kh[:, :, :seen].transpose(-2, -1) * 0.4).softmax(-1)  # (B, H, 1, seen)
+        rows.append((w * mask[:, :, i : i + 1, :seen]) @ vh[:, :, :seen])
     want = torch.cat(rows, 2)
     torch.testing.assert_close(got, want)
     g = torch.randn_like(got)
@@ -391,4 +394,20 @@ def test_attention_dropout_drops_weights_after_the_softmax(tq):
     # nothing dropped: torch's attention
     causal = torch.ones(tq, Tk, dtype=torch.bool).tril(Tk - tq)
     torch.testing.assert_close(attention_with_dropout(q, k, v, 0.0, 0.4),
-                               F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.4))
+                               F.scaled_dot_product_attention(q, kh, vh, attn_mask=causal, scale=0.4))
+
+
+@pytest.mark.parametrize("tq", [16, 5, 1])  # training, a prefix over a cache, one decoded token
+def test_grouped_heads_attend_without_copies_as_with_them(tq):
+    """On CPU causal_attention takes grouped keys and values as they are (Hkv < H); the result and
+    the gradients equal attention over keys and values copied per query head."""
+    torch.manual_seed(0)
+    B, H, hkv, Tk, D = 2, 6, 2, 16, 8
+    q = torch.randn(B, H, tq, D, requires_grad=True)
+    k, v = (t.requires_grad_() for t in torch.randn(2, B, hkv, Tk, D).unbind(0))
+    got = causal_attention(q, k, v)
+    want = causal_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b)

@@ -39,7 +39,8 @@ MEMORY_CHECK = {"model", "grad_checkpointing", "estimated_bytes", "measured_byte
 TOKENIZER = {"corpus_bytes", "vocab_size", "train_sec", "encode_mb_per_sec", "tokens", "bytes_per_token"}
 PEERS = {"transformers", "train", "decode"}
 PEERS_TRAIN = {"arch", "hf_class", "n_layer", "n_embd", "tokens_per_step", "minideep_tokens_per_sec",
-               "hf_tokens_per_sec", "speedup", "flops_per_token", "matmul_tflops"}
+               "hf_tokens_per_sec", "speedup", "flops_per_token", "matmul_tflops",
+               "minideep_matmul_fraction", "hf_matmul_fraction"}
 PEERS_DECODE = {"arch", "context", "minideep_tokens_per_sec", "hf_tokens_per_sec", "speedup"}
 ALL_KEY_SETS = [TOP, TRAIN, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
                 TOKENIZER, PEERS, PEERS_TRAIN, PEERS_DECODE]
@@ -219,7 +220,11 @@ def test_peers_keys_when_transformers_is_installed():
     assert set(p) == PEERS and [r["arch"] for r in p["train"]] == ["gpt2", "moe"]
     assert [r["hf_class"] for r in p["train"]] == ["GPT2LMHeadModel", "MixtralForCausalLM"]
     assert all(set(r) == PEERS_TRAIN for r in p["train"]) and all(set(r) == PEERS_DECODE for r in p["decode"])
-    assert p["train"][0]["flops_per_token"] == build_model(tiny_model_cfg("gpt2")).flops_per_token(32)
+    row = p["train"][0]
+    assert row["flops_per_token"] == build_model(tiny_model_cfg("gpt2")).flops_per_token(32)
+    for who in ("minideep", "hf"):  # the share of the matmul is achieved FLOPs over the matmul's rate
+        achieved = row[f"{who}_tokens_per_sec"] * row["flops_per_token"]
+        assert row[f"{who}_matmul_fraction"] == pytest.approx(achieved / (row["matmul_tflops"] * 1e12))
 
 
 def test_readme_documents_every_json_key():

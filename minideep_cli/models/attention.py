@@ -110,35 +110,51 @@ class Cache:
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
                      scale: float | None = None) -> torch.Tensor:
-    """q (B, H, Tq, D) are the last Tq of the Tk positions in k (B, H, Tk, D), v (B, H, Tk, Dv)
-    -> (B, H, Tq, Dv). scale None = 1/sqrt(D). On CPU, bf16/fp16 inputs are attended in fp32:
-    torch's CPU attention kernel is slower in bf16 than in fp32 (a micro-benchmark, forward +
-    backward of one gpt2 layer's attention, 16 x 4 x 128 x 48: 20.8 against 11.8 ms with the
-    casts), and the result is cast back to the input's dtype."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    """q (B, H, Tq, D) are the last Tq of the Tk positions in k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv)
+    -> (B, H, Tq, Dv). scale None = 1/sqrt(D). Grouped-query attention when Hkv < H: query head h
+    reads key/value head h // (H / Hkv). On CPU the groups are attended as they are; elsewhere the
+    keys and values are copied per query head first (torch's fused GPU kernels differ in what
+    grouped attention they accept). On CPU, bf16/fp16 inputs are attended in fp32: torch's CPU
+    attention kernel is slower in bf16 than in fp32 (a micro-benchmark, forward + backward of one
+    gpt2 layer's attention, 16 x 4 x 128 x 48: 20.8 against 11.8 ms with the casts), and the
+    result is cast back to the input's dtype."""
+    cpu = q.device.type == "cpu"
+    if cpu and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
             return causal_attention(q.float(), k.float(), v.float(), dropout, scale).to(q.dtype)
-    tq, tk = q.size(2), k.size(2)
-    if dropout > 0 and q.device.type == "cpu":
+    if k.size(1) != q.size(1) and not cpu:
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, Tk, D*)
+    if dropout > 0 and cpu:
         return attention_with_dropout(q, k, v, dropout, scale)
+    tq, tk, gqa = q.size(2), k.size(2), k.size(1) != q.size(1)
     if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
     if tq == 1:  # one new token sees everything cached
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
-    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(tq, tk, q.device), dropout_p=dropout, scale=scale,
+                                          enable_gqa=gqa)
+
+
+def visible(tq: int, tk: int, device) -> torch.Tensor:
+    """(Tq, Tk) True where query i, at position Tk - Tq + i, may see key j (j <= Tk - Tq + i)."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
 
 
 def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                            scale: float | None = None) -> torch.Tensor:
     """Causal attention with dropout on its weights, written out: on CPU torch's fused kernel has no
     dropout, and its fallback (these same steps) draws the mask one Bernoulli number per weight,
-    where keep_scale draws four per random number. Shapes as causal_attention."""
-    tq, tk = q.size(2), k.size(2)
-    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
-    future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(diagonal=tk - tq + 1)
-    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return (weights * keep_scale(weights.shape, p, q.device, weights.dtype)) @ v  # (B, H, Tq, Dv)
+    where keep_scale draws four per random number. Shapes as causal_attention; the rep = H / Hkv
+    query heads of a group are stacked as rows against their shared keys, no copies of K or V."""
+    B, H, tq, D = q.shape
+    hkv, tk = k.size(1), k.size(2)
+    rep = H // hkv
+    qg = q.reshape(B, hkv, rep * tq, D)  # heads g*rep .. g*rep+rep-1 read group g
+    scores = (qg @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(D))  # (B, Hkv, rep*Tq, Tk)
+    weights = scores.masked_fill_(~visible(tq, tk, q.device).repeat(rep, 1), float("-inf")).softmax(dim=-1)
+    out = (weights * keep_scale(weights.shape, p, q.device, weights.dtype)) @ v  # (B, Hkv, rep*Tq, Dv)
+    return out.view(B, H, tq, v.size(-1))
 
 
 class Attention(nn.Module):
@@ -190,10 +206,7 @@ class GQAttention(Attention):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # k, v: (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hs)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, Tk, hs)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs), grouped heads
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -90,11 +90,9 @@ def render_bench(console, r: dict) -> None:
                         f"{row['minideep_tokens_per_sec']:,.1f}", f"{row['hf_tokens_per_sec']:,.1f}", _x(row["speedup"]))
         console.print(tab)
         for row in p["train"]:
-            share = {k: row[f"{k}_tokens_per_sec"] * row["flops_per_token"] / (row["matmul_tflops"] * 1e12)
-                     for k in ("minideep", "hf")}
             console.print(f"  train {row['arch']}: a square matmul timed alongside ran at {row['matmul_tflops']:.3f} TFLOPS; "
-                          f"the steps reach {100 * share['minideep']:.0f}% (minideep) and {100 * share['hf']:.0f}% "
-                          "(transformers) of it")
+                          f"the steps reach {100 * row['minideep_matmul_fraction']:.0f}% (minideep) and "
+                          f"{100 * row['hf_matmul_fraction']:.0f}% (transformers) of it")
     console.print(f"done in {r['elapsed_sec']:.1f} s")
 
 
