@@ -363,6 +363,12 @@ def test_keep_scale_drops_p_in_every_lane_and_keeps_the_mean():
         assert abs(m.mean().item() - 1) < 0.02
         torch.manual_seed(0)
         assert torch.equal(keep_scale((250_001,), p), m)  # replayed from the generator (checkpointing recomputes it)
+    m = keep_scale((3, 5, 7), 0.25, dtype=torch.bfloat16)  # any shape and dtype: the scale rounded once
+    assert m.shape == (3, 5, 7) and m.dtype == torch.bfloat16
+    assert set(m.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).bfloat16().item()}
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError):
+            keep_scale((4,), bad)
 
 
 @pytest.mark.parametrize("hkv", [4, 2])  # one key/value head per query head, and grouped (2 per group)
