@@ -441,9 +441,12 @@ def experts_stand_in(experts):
     return forward
 
 
-def traced_activations(cfg: Config, dtype, batch: int) -> dict:
+def traced_activations(cfg: Config, dtype, batch: int, device: str = "cpu") -> dict:
     """Bytes of the tensors autograd saves for backward, counted by running the forward on fake
-    tensors (shapes only, no memory): all of them, those of each block, and each block's input."""
+    tensors (shapes only, no memory): all of them, those of each block, and each block's input.
+    The fake tensors are CPU tensors; attention follows `device`'s way of attending (on a GPU: no
+    fp32 copies of bf16 inputs, grouped keys and values copied per query head)."""
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .evaluate import autocast_for
@@ -469,6 +472,9 @@ def traced_activations(cfg: Config, dtype, batch: int) -> dict:
     with FakeTensorMode():
         model = build_model(cfg.model).train()
         blocks = model.transformer.h if cfg.model.arch == "gpt2" else model.blocks
+        for m in model.modules():
+            if hasattr(m, "kernels"):
+                m.kernels = device.split(":")[0]
         for i, b in enumerate(blocks):
             b.register_forward_pre_hook(enter(i))
             b.register_forward_hook(leave)
@@ -517,7 +523,7 @@ def estimate_memory(cfg: Config, device_memory: Optional[int] = None) -> dict:
     n = model.num_params()
     weights = 4 * n
     adam = 2 * weights
-    acts = traced_activations(cfg, dtype, t.batch_size)
+    acts = traced_activations(cfg, dtype, t.batch_size, device)
     ckpt_acts = acts["outside"] + sum(acts["inputs"]) + max(acts["per_block"])
     tokens = t.batch_size * m.block_size
     transient = 2 * 4 * tokens * m.vocab_size  # fp32 gradients of the loss w.r.t. log-softmax and logits

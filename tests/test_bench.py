@@ -84,6 +84,20 @@ def test_moe_flops_per_token_by_hand():
 # ---------------------------------------------------------------- memory
 
 
+def test_memory_trace_attends_as_the_target_device():
+    """The trace runs on CPU tensors; for a GPU target it must count what GPU attention saves: keys
+    and values copied per query head (CPU attends the groups in place). Tiny moe: 2 layers, 4 query
+    heads, 2 key/value heads of 8, batch 2 x 32, fp32."""
+    from minideep_cli.bench import traced_activations
+
+    cfg = tiny_config("moe")
+    cpu, gpu = (traced_activations(cfg, torch.float32, 2, d)["all"] for d in ("cpu", "cuda"))
+    head = 2 * 32 * 8 * 4  # one head's keys (or values): batch x T x head_dim x fp32 bytes
+    # per layer, CPU saves the rotated K (2 heads) and the wkv output that V is a view of (K and V,
+    # 4 heads); a GPU saves the copies of K and V per query head (8 heads)
+    assert gpu - cpu == 2 * (8 - (2 + 4)) * head
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "moe"])
 def test_memory_estimate_within_25_percent_of_measured_peak_rss(arch):
     cfg = bench_config(resolve_config("cpu", arch=arch, overrides=["train.device=cpu"]))

@@ -109,19 +109,20 @@ class Cache:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, kernels: str | None = None) -> torch.Tensor:
     """q (B, H, Tq, D) are the last Tq of the Tk positions in k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv)
     -> (B, H, Tq, Dv). scale None = 1/sqrt(D). Grouped-query attention when Hkv < H: query head h
-    reads key/value head h // (H / Hkv). On CPU the groups are attended as they are; elsewhere the
-    keys and values are copied per query head first (torch's fused GPU kernels differ in what
-    grouped attention they accept). On CPU, bf16/fp16 inputs are attended in fp32: torch's CPU
-    attention kernel is slower in bf16 than in fp32 (a micro-benchmark, forward + backward of one
-    gpt2 layer's attention, 16 x 4 x 128 x 48: 20.8 against 11.8 ms with the casts), and the
-    result is cast back to the input's dtype."""
-    cpu = q.device.type == "cpu"
+    reads key/value head h // (H / Hkv). kernels: the device type whose way of attending to follow
+    (None: the tensors'; the memory estimate traces CPU tensors the way a GPU attends).
+    On CPU the groups are attended as they are; elsewhere the keys and values are copied per query
+    head first (torch's fused GPU kernels differ in what grouped attention they accept). On CPU,
+    bf16/fp16 inputs are attended in fp32: torch's CPU attention kernel is slower in bf16 than in
+    fp32 (a micro-benchmark, forward + backward of one gpt2 layer's attention, 16 x 4 x 128 x 48:
+    20.8 against 11.8 ms with the casts), and the result is cast back to the input's dtype."""
+    cpu = (kernels or q.device.type) == "cpu"
     if cpu and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
-            return causal_attention(q.float(), k.float(), v.float(), dropout, scale).to(q.dtype)
+            return causal_attention(q.float(), k.float(), v.float(), dropout, scale, kernels).to(q.dtype)
     if k.size(1) != q.size(1) and not cpu:
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, Tk, D*)
@@ -162,6 +163,7 @@ class Attention(nn.Module):
     cache_numbers_per_token() numbers for each position plus state_numbers() fixed ones."""
 
     rope_dim: int
+    kernels: str | None = None  # causal_attention's kernels: None follows the tensors' device
 
     def cache_numbers_per_token(self) -> int:
         raise NotImplementedError
@@ -206,7 +208,7 @@ class GQAttention(Attention):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # k, v: (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hs)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs), grouped heads
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -272,7 +274,7 @@ class MLAttention(Attention):
         k_nope, v = kv.split([self.dn, self.dv], -1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, self.n_head, Tk, self.dr)], -1)  # (B, nh, Tk, dn+dr)
         q = torch.cat([q_nope, q_pe], -1)
-        return causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, Tq, dv)
+        return causal_attention(q, k, v, self.dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, Tq, dv)
 
     def absorbed(self, q_nope, q_pe, ckv) -> torch.Tensor:
         """Attend in latent space: q_nope·k_nope = (q_nope W_uk)·c, and p·v = (p·c) W_uv^T, so K and
@@ -288,7 +290,7 @@ class MLAttention(Attention):
         else:
             k = ckv.unsqueeze(1).expand(B, H, Tk, r + self.dr)  # (B, nh, Tk, r+dr)
             v = ckv[..., :r].unsqueeze(1).expand(B, H, Tk, r)  # (B, nh, Tk, r)
-            o = causal_attention(q, k, v, self.dropout if self.training else 0.0, scale=scale)  # (B, nh, Tq, r)
+            o = causal_attention(q, k, v, self.dropout if self.training else 0.0, scale, self.kernels)  # (B, nh, Tq, r)
         return o @ w_uv.transpose(1, 2)  # (B, nh, Tq, r) @ (nh, r, dv) -> (B, nh, Tq, dv)
 
 

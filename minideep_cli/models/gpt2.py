@@ -17,6 +17,8 @@ from .output import Output, lm_loss
 
 
 class GPT2Attention(nn.Module):
+    kernels: str | None = None  # causal_attention's kernels: None follows the tensors' device
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
@@ -30,7 +32,7 @@ class GPT2Attention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if cache is not None:  # q, k, v: (B, nh, T, hs)
             k, v = cache.update(pos, k, v)  # (B, nh, pos+T, hs)
-        y = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, T, hs)
         return dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
 
