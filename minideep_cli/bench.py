@@ -445,11 +445,13 @@ def traced_activations(cfg: Config, dtype, batch: int, device: str = "cpu") -> d
     """Bytes of the tensors autograd saves for backward, counted by running the forward on fake
     tensors (shapes only, no memory): all of them, those of each block, and each block's input.
     The fake tensors are CPU tensors; attention follows `device`'s way of attending (on a GPU: no
-    fp32 copies of bf16 inputs, grouped keys and values copied per query head)."""
-
+    fp32 copies of bf16 inputs, grouped keys and values copied per query head). Dropout is still
+    CPU dropout: with it, the masks and attention weights kept are more than a GPU keeps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .evaluate import autocast_for
+    from .models.attention import Attention
+    from .models.gpt2 import GPT2Attention
     from .models import build_model
 
     saved: list[tuple] = []  # (weak reference to a saved tensor, index of the block saving it or -1)
@@ -473,7 +475,7 @@ def traced_activations(cfg: Config, dtype, batch: int, device: str = "cpu") -> d
         model = build_model(cfg.model).train()
         blocks = model.transformer.h if cfg.model.arch == "gpt2" else model.blocks
         for m in model.modules():
-            if hasattr(m, "kernels"):
+            if isinstance(m, (Attention, GPT2Attention)):
                 m.kernels = device.split(":")[0]
         for i, b in enumerate(blocks):
             b.register_forward_pre_hook(enter(i))
@@ -749,12 +751,15 @@ def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype)
                           "matmul": matmul}, opts.repeats, opts.warmup, syncer(device))
         fpt = ours.flops_per_token(mcfg.model.block_size)
         tokens = mcfg.train.batch_size * mcfg.model.block_size
+
+        def share(sec: float) -> float:  # achieved FLOPs per second over the matmul's
+            return tokens / sec * fpt * t["matmul"] / matmul_flops
+
         train_rows.append({"arch": arch, "hf_class": type(hf).__name__, "n_layer": mcfg.model.n_layer, "n_embd": mcfg.model.n_embd,
                            "tokens_per_step": tokens, "minideep_tokens_per_sec": tokens / t["minideep"],
                            "hf_tokens_per_sec": tokens / t["transformers"], "speedup": t["transformers"] / t["minideep"],
                            "flops_per_token": fpt, "matmul_tflops": matmul_flops / t["matmul"] / 1e12,
-                           "minideep_matmul_fraction": tokens / t["minideep"] * fpt * t["matmul"] / matmul_flops,
-                           "hf_matmul_fraction": tokens / t["transformers"] * fpt * t["matmul"] / matmul_flops})
+                           "minideep_matmul_fraction": share(t["minideep"]), "hf_matmul_fraction": share(t["transformers"])})
         if arch == "gpt2":  # transformers' generate with its cache, on the same GPT-2 at 512 tokens of context
             ctx_len, n = 512, opts.decode_tokens
             d = copy.deepcopy(mcfg)

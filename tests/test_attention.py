@@ -346,6 +346,9 @@ def test_low_precision_attention_on_cpu_runs_in_fp32(q_len):
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(causal_attention(q, k, v, dropout, scale), want)
+    # attending the way a GPU does (the memory estimate's trace): bf16 stays bf16
+    got = causal_attention(q, k, v, 0.0, 0.3, kernels="cuda")
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=0.3))
 
 
 def test_keep_scale_drops_p_in_every_lane_and_keeps_the_mean():
@@ -411,9 +414,11 @@ def test_grouped_heads_attend_without_copies_as_with_them(tq):
     B, H, hkv, Tk, D = 2, 6, 2, 16, 8
     q = torch.randn(B, H, tq, D, requires_grad=True)
     k, v = (t.requires_grad_() for t in torch.randn(2, B, hkv, Tk, D).unbind(0))
-    got = causal_attention(q, k, v)
     want = causal_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
-    torch.testing.assert_close(got, want)
-    g = torch.randn_like(got)
-    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-        torch.testing.assert_close(a, b)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for kernels in (None, "cuda"):  # in place (CPU), and copied per query head (a GPU's way)
+        got = causal_attention(q, k, v, kernels=kernels)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), want_grads):
+            torch.testing.assert_close(a, b)

@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from ..config import attention_dropout
 from .layers import RMSNorm, apply_rope, keep_scale
 
+# torch's CPU flash attention takes grouped keys and values from 2.9 on (pytorch#157893); older
+# versions would fall back to the slow math kernel, so there they are copied per head as on GPUs
+CPU_FLASH_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9)
+
 # ---------------------------------------------------------------- caches
 
 
@@ -114,8 +118,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     -> (B, H, Tq, Dv). scale None = 1/sqrt(D). Grouped-query attention when Hkv < H: query head h
     reads key/value head h // (H / Hkv). kernels: the device type whose way of attending to follow
     (None: the tensors'; the memory estimate traces CPU tensors the way a GPU attends).
-    On CPU the groups are attended as they are; elsewhere the keys and values are copied per query
-    head first (torch's fused GPU kernels differ in what grouped attention they accept). On CPU,
+    On CPU (torch >= 2.9) the groups are attended as they are; elsewhere the keys and values are
+    copied per query head first (torch's fused GPU kernels differ in what grouped attention they
+    accept). On CPU,
     bf16/fp16 inputs are attended in fp32: torch's CPU attention kernel is slower in bf16 than in
     fp32 (a micro-benchmark, forward + backward of one gpt2 layer's attention, 16 x 4 x 128 x 48:
     20.8 against 11.8 ms with the casts), and the result is cast back to the input's dtype."""
@@ -123,7 +128,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     if cpu and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
             return causal_attention(q.float(), k.float(), v.float(), dropout, scale, kernels).to(q.dtype)
-    if k.size(1) != q.size(1) and not cpu:
+    if k.size(1) != q.size(1) and not (cpu and CPU_FLASH_GQA):
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, Tk, D*)
     if dropout > 0 and cpu:
