@@ -120,10 +120,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     (None: the tensors'; the memory estimate traces CPU tensors the way a GPU attends).
     On CPU (torch >= 2.9) the groups are attended as they are; elsewhere the keys and values are
     copied per query head first (torch's fused GPU kernels differ in what grouped attention they
-    accept). On CPU,
-    bf16/fp16 inputs are attended in fp32: torch's CPU attention kernel is slower in bf16 than in
-    fp32 (a micro-benchmark, forward + backward of one gpt2 layer's attention, 16 x 4 x 128 x 48:
-    20.8 against 11.8 ms with the casts), and the result is cast back to the input's dtype."""
+    accept). On CPU, bf16/fp16 inputs are attended in fp32: torch's CPU attention kernel is slower
+    in bf16 than in fp32 (a micro-benchmark, forward + backward of one gpt2 layer's attention,
+    16 x 4 x 128 x 48: 20.8 against 11.8 ms with the casts), and the result is cast back to the
+    input's dtype."""
     cpu = (kernels or q.device.type) == "cpu"
     if cpu and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
