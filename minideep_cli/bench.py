@@ -253,27 +253,45 @@ def train_step_fn(model, cfg: Config, device: str, dtype, batch: Optional[int] =
     return step_fn(model, cfg, device, dtype, fwd, loss_of, batch)
 
 
-def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
+def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype,
+                variants: Optional[dict[str, Config]] = None) -> dict:
+    """The training step of this config; with variants (`--vs`: label -> this config with more
+    overrides), each variant's step is timed interleaved with it and compared by tokens/s."""
     from .models import build_model
+    from .train import pick_dtype
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    model.grad_checkpointing = cfg.train.grad_checkpointing
-    step = train_step_fn(model, cfg, device, dtype)
-    sec = median_times({"step": step}, opts.repeats, opts.warmup, syncer(device))["step"]
+    def step_for(c: Config, dt) -> tuple:
+        torch.manual_seed(c.train.seed)
+        model = build_model(c.model).to(device)
+        model.grad_checkpointing = c.train.grad_checkpointing
+        return model, train_step_fn(model, c, device, dt)
+
+    model, step = step_for(cfg, dtype)
+    steps, vs = {"base": step}, {}
+    for label, c in (variants or {}).items():
+        vs[label] = c, pick_dtype(c.train.dtype, device)
+        steps[f"vs {label}"] = step_for(*vs[label])[1]
+    times = median_times(steps, opts.repeats, opts.warmup, syncer(device))
+    sec = times["base"]
     B, T = cfg.train.batch_size, cfg.model.block_size
     tps = B * T / sec
     fpt = model.flops_per_token(T)
     peak = device_peak(device, dtype)
     achieved = tps * fpt
     matmul_rate = matmul_tflops(device, dtype, opts)
+    rows = []
+    for label, (c, dt) in vs.items():
+        v_sec = times[f"vs {label}"]
+        v_tps = c.train.batch_size * c.model.block_size / v_sec
+        rows.append({"overrides": label.split(), "dtype": str(dt).replace("torch.", ""), "step_ms": v_sec * 1e3,
+                     "tokens_per_sec": v_tps, "vs_base": v_tps / tps})
     return {
         "device": peak["name"], "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         "params": model.num_params(), "active_params": model.num_params(active=True),
         "batch_size": B, "block_size": T, "step_ms": sec * 1e3, "tokens_per_sec": tps,
         "flops_per_token": fpt, "achieved_tflops": achieved / 1e12, "peak_tflops": peak["tflops"],
         "peak_source": peak["source"], "mfu": achieved / (peak["tflops"] * 1e12) if peak["tflops"] else None,
-        "matmul_tflops": matmul_rate, "matmul_fraction": achieved / (matmul_rate * 1e12),
+        "matmul_tflops": matmul_rate, "matmul_fraction": achieved / (matmul_rate * 1e12), "variants": rows,
     }
 
 
@@ -780,9 +798,9 @@ def bench_peers(cfgs: dict[str, Config], opts: BenchOptions, device: str, dtype)
 
 
 def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, peer_cfgs: Optional[dict] = None,
-              on_event: Optional[Event] = None) -> dict:
+              on_event: Optional[Event] = None, variants: Optional[dict[str, Config]] = None) -> dict:
     """Run the chosen sections; returns the JSON-ready result (every section key present, None when
-    not run)."""
+    not run). variants: configs whose training steps the train section times alongside cfg's."""
     from .train import pick_device, pick_dtype
 
     say = on_event or (lambda text: None)
@@ -800,6 +818,8 @@ def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, pee
                             "(use -o train.device=cpu, or --estimate-memory for the memory prediction alone)")
     if device is not None:
         dtype = pick_dtype(cfg.train.dtype, device)
+    if any(c.train.device != cfg.train.device for c in (variants or {}).values()):
+        raise UserError("--vs compares steps on one device: set train.device for all of them, not in --vs")
     result: dict = {
         "schema_version": SCHEMA_VERSION, "minideep": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "preset": preset, "arch": cfg.model.arch,
@@ -813,7 +833,7 @@ def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, pee
             continue
         say(f"{section} ... ({time.perf_counter() - start:.0f} s)")
         if section == "train":
-            result["train"] = bench_train(cfg, opts, device, dtype)
+            result["train"] = bench_train(cfg, opts, device, dtype, variants)
         elif section == "moe":
             result["moe"] = bench_moe(cfg, opts, device, dtype)
         elif section == "decode":

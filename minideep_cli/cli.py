@@ -100,12 +100,12 @@ def tokenize(
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (256 bytes + merges + <|endoftext|>).")] = 2048,
     out: Annotated[Path, typer.Option(help="Output data dir.")] = Path("data/tokens"),
     val_fraction: Annotated[float, typer.Option(help="One text file: the last fraction kept for validation.")] = 0.1,
-    shard_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens per train shard [default: 100M].")] = None,
-    val_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens of the validation shard [default: 10M].")] = None,
+    shard_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens per train shard; default: 100M.")] = None,
+    val_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens of the validation shard; default: 10M.")] = None,
     tokenizer_sample_bytes: Annotated[Optional[int], typer.Option(
-        help="Sharded: train the tokenizer on the first this many bytes of text [default: 100M].")] = None,
+        help="Sharded: train the tokenizer on the first this many bytes of text; default: 100M.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Sharded: stop after this many tokens in all.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Encoding processes [default: CPU cores - 1].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Encoding processes; default: CPU cores - 1.")] = None,
 ):
     """Train a byte-level BPE and encode a corpus into train/val token files.
 
@@ -633,7 +633,7 @@ def bench(
     preset: Annotated[Optional[str], typer.Option(help="cpu | rtx3060 | a100 | seed; default: picked for this machine.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with model/data/train/sample sections.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="moe (default) or gpt2.")] = None,
-    attention: Annotated[Optional[str], typer.Option(help="gqa | mla | latent (moe arch) for the train section.")] = None,
+    attention: Annotated[Optional[str], typer.Option(help="gqa | mla | latent (moe arch) for the train and memory sections (decode times every variant).")] = None,
     override: Overrides = None,
     section: Annotated[Optional[List[str]], typer.Option("--section", "-s", help="train | moe | decode | memory | "
                        "tokenizer | peers, repeatable; default: all but peers.")] = None,
@@ -644,6 +644,8 @@ def bench(
     compare_hf: Annotated[bool, typer.Option("--compare-hf", help="Add the peers section: the same models in "
                           "Hugging Face transformers (needs transformers).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: torch's choice.")] = None,
+    vs: Annotated[Optional[List[str]], typer.Option("--vs", help="Also time the training step with these overrides "
+                  "(section.key=value, several separated by spaces), interleaved with the plain one; repeatable.")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ):
     """Measure speed, memory and cache sizes on this machine: medians after warm-up, ratios side by side.
@@ -651,7 +653,8 @@ def bench(
     Examples: [bold]minideep bench --quick[/bold] ·
     [bold]minideep bench --preset cpu --arch gpt2 --compare-hf --json bench.json[/bold] ·
     [bold]minideep bench --preset rtx3060 --estimate-memory --device-memory 12GB[/bold] ·
-    [bold]minideep bench -s decode -s moe --attention mla[/bold]
+    [bold]minideep bench -s train -s memory --attention mla[/bold] ·
+    what a setting costs: [bold]minideep bench -s train --vs model.dropout=0 --vs train.dtype=bfloat16[/bold]
     """
     import torch
 
@@ -668,9 +671,15 @@ def bench(
         torch.set_num_threads(threads)
     name = preset or (None if config else auto_preset())
     cfg = bench_config(resolve_config(name, str(config) if config else None, overrides, arch))
+    if any(not v.split() for v in vs or []):
+        raise UserError("--vs needs one or more section.key=value overrides, e.g. --vs model.dropout=0")
+    variants = {v: bench_config(resolve_config(name, str(config) if config else None, overrides + v.split(), arch))
+                for v in vs or []}
     sections = tuple(section or (("memory",) if estimate_memory else DEFAULT_SECTIONS))
     if compare_hf and "peers" not in sections:
         sections += ("peers",)
+    if variants and "train" not in sections:
+        sections = ("train",) + sections
     opts = BenchOptions.for_run(quick, sections, device_memory=parse_bytes(device_memory) if device_memory else None,
                                 measure_memory=not estimate_memory)
     peer_cfgs = None
@@ -679,7 +688,8 @@ def bench(
                                                     else [o for o in overrides if not o.startswith("model.attention")], a))
                      for a in ("gpt2", "moe")}
     console = _console()
-    result = run_bench(cfg, opts, name, peer_cfgs, on_event=lambda text: console.print(f"[dim]{text}[/dim]"))
+    result = run_bench(cfg, opts, name, peer_cfgs, on_event=lambda text: console.print(f"[dim]{text}[/dim]"),
+                       variants=variants)
     render_bench(console, result)
     if json_file:
         json_file.write_text(json_safe(result))

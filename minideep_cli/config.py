@@ -14,7 +14,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any, Optional
 
@@ -140,13 +140,16 @@ class Config:
 
 
 def preset_dir() -> Path:
-    """presets/ is the source; the wheel ships it as the package `minideep_cli.presets`."""
+    """presets/ is the source; the wheel ships it as `minideep_cli.presets`, a namespace package
+    (YAML files, no __init__.py), whose folders are its module search locations. (Its
+    resources.files() is a MultiplexedPath, whose str() is no path.)"""
     try:
-        packaged = Path(str(resources.files("minideep_cli.presets")))
-        if packaged.is_dir() and any(packaged.glob("*.yaml")):
-            return packaged
+        spec = importlib.util.find_spec("minideep_cli.presets")
     except ModuleNotFoundError:
-        pass
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if any(Path(folder).glob("*.yaml")):
+            return Path(folder)
     return Path(__file__).resolve().parent.parent / "presets"
 
 

@@ -64,8 +64,9 @@ def is_sharded(model) -> bool:
 def generate_steps(model, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, generator: Optional[torch.Generator] = None, use_cache: bool = True,
                    device: str = "cpu") -> Iterator[Step]:
-    """Yield a Step per new token. With the cache, each step feeds only the newest token;
-    when the context fills block_size, the cache is rebuilt from the last half of the context.
+    """Yield a Step per new token. With the cache, each step feeds only the newest token. When the
+    context fills block_size it restarts from its last half (positions from 0 again; the cache is
+    rebuilt), and use_cache=False recomputes that same context, so both give the same tokens.
     Runs under inference_mode (less overhead per token than no_grad), or no_grad for an
     FSDP-sharded model, which older torch cannot run in inference mode. The mode applies inside
     each step only: the caller's code between tokens keeps its own."""
@@ -77,14 +78,16 @@ def _steps(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, 
     model.eval()
     block = model.cfg.block_size
     ids = list(prompt) or [0]
+    start = max(0, len(ids) - block)  # the model sees ids[start:], with or without the cache
     cache = None
     for _ in range(max_new_tokens):
+        if len(ids) - start > block:  # the context is full: start again from its last half
+            start, cache = len(ids) - block // 2, None
         if not use_cache:
-            out = model(torch.tensor([ids[-block:]], device=device))
-        elif cache is None or cache.pos >= block:
-            ctx = ids[-(block // 2):] if cache is not None else ids[-block:]
+            out = model(torch.tensor([ids[start:]], device=device))
+        elif cache is None:
             cache = model.new_cache(1, block, device=device)
-            out = model(torch.tensor([ctx], device=device), cache=cache)
+            out = model(torch.tensor([ids[start:]], device=device), cache=cache)
         else:
             out = model(torch.tensor([ids[-1:]], device=device), cache=cache)
         logits = out.logits[:, -1]  # (1, V)

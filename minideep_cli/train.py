@@ -263,7 +263,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     if d.main:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if resume else None)
+        # on resume, hide what an earlier process logged after the checkpoint's step (kept: that step)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if resume else None)
     else:
         writer = _NullWriter()
 

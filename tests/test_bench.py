@@ -1,6 +1,7 @@
 """`minideep bench`: FLOP counts by hand, the memory prediction against a measured peak, the presets'
 fit, and the JSON layout (exact key sets, each listed in the README). No timings are asserted."""
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -24,7 +25,8 @@ TOP = {"schema_version", "minideep", "torch", "python", "preset", "arch", "atten
        "sections", "elapsed_sec", "train", "moe", "decode", "memory", "tokenizer", "peers"}
 TRAIN = {"device", "dtype", "threads", "params", "active_params", "batch_size", "block_size", "step_ms",
          "tokens_per_sec", "flops_per_token", "achieved_tflops", "peak_tflops", "peak_source", "mfu",
-         "matmul_tflops", "matmul_fraction"}
+         "matmul_tflops", "matmul_fraction", "variants"}
+TRAIN_VARIANT = {"overrides", "dtype", "step_ms", "tokens_per_sec", "vs_base"}
 MOE = {"rows"}
 MOE_ROW = {"name", "tokens", "n_embd", "n_experts", "top_k", "expert_hidden", "dense_hidden", "moe_ms", "dense_ms",
            "loop_ms", "moe_vs_dense", "moe_vs_loop"}
@@ -43,7 +45,7 @@ PEERS_TRAIN = {"arch", "hf_class", "n_layer", "n_embd", "tokens_per_step", "mini
                "hf_tokens_per_sec", "speedup", "flops_per_token", "matmul_tflops",
                "minideep_matmul_fraction", "hf_matmul_fraction"}
 PEERS_DECODE = {"arch", "context", "minideep_tokens_per_sec", "hf_tokens_per_sec", "speedup"}
-ALL_KEY_SETS = [TOP, TRAIN, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
+ALL_KEY_SETS = [TOP, TRAIN, TRAIN_VARIANT, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
                 TOKENIZER, PEERS, PEERS_TRAIN, PEERS_DECODE]
 FAST = dict(warmup=0, repeats=1, moe_repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False,
             matmul_n=64)
@@ -185,7 +187,7 @@ def check_keys(r: dict, sections) -> None:
     for s in ("train", "moe", "decode", "memory", "tokenizer", "peers"):
         assert (r[s] is not None) == (s in sections), s
     if r["train"]:
-        assert set(r["train"]) == TRAIN
+        assert set(r["train"]) == TRAIN and all(set(v) == TRAIN_VARIANT for v in r["train"]["variants"])
     if r["moe"]:
         assert set(r["moe"]) == MOE and all(set(row) == MOE_ROW for row in r["moe"]["rows"])
     if r["decode"]:
@@ -271,6 +273,52 @@ def test_cli_bad_section_and_size_are_one_line_errors():
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1 and "Traceback" not in r.output
         assert r.stderr.strip().startswith("error: ")
+
+
+def test_train_variants_are_timed_with_their_own_settings(monkeypatch):
+    """--vs: each variant's step is built from its own config and compared by tokens/s."""
+    base = tiny_config("gpt2")
+    longer = copy.deepcopy(base)
+    longer.model.block_size, longer.train.dtype = 64, "bfloat16"  # 2 x 64 tokens a step instead of 2 x 32
+    built = []
+    real_step = bench.train_step_fn
+    monkeypatch.setattr(bench, "train_step_fn", lambda m, c, d, dt, *a: built.append((c.model.block_size, dt))
+                        or real_step(m, c, d, dt, *a))
+    calls = []
+
+    def fake_times(fns, repeats, warmup, sync=None):  # 1 s for the plain step, 0.5 s for the variant
+        calls.append(list(fns))
+        for f in fns.values():
+            f()
+        return {k: 1.0 if k == "base" else 0.5 for k in fns}
+    monkeypatch.setattr(bench, "median_times", fake_times)
+    r = run_bench(base, BenchOptions.for_run(True, ("train",), **FAST), variants={"model.block_size=64 train.dtype=bfloat16": longer})
+    check_keys(r, ("train",))
+    assert built == [(32, torch.float32), (64, torch.bfloat16)]
+    assert len(calls[0]) == 2  # both steps in one interleaved timing
+    (v,) = r["train"]["variants"]
+    assert set(v) == TRAIN_VARIANT and v["overrides"] == ["model.block_size=64", "train.dtype=bfloat16"]
+    assert v["dtype"] == "bfloat16" and v["step_ms"] == 500.0 and r["train"]["step_ms"] == 1000.0
+    assert v["tokens_per_sec"] == 2 * 64 / 0.5 and v["vs_base"] == (2 * 64 / 0.5) / (2 * 32 / 1.0)
+    moved = copy.deepcopy(base)
+    moved.train.device = "cuda"
+    with pytest.raises(UserError, match="one device"):
+        run_bench(base, BenchOptions.for_run(True, ("train",), **FAST), variants={"train.device=cuda": moved})
+
+
+def test_cli_vs_times_a_variant_and_refuses_bad_ones(tmp_path):
+    out = tmp_path / "v.json"
+    tiny = ["-o", "model.n_layer=1", "-o", "model.n_embd=32", "-o", "model.n_head=2", "-o", "model.block_size=16",
+            "-o", "train.batch_size=2", "-o", "train.device=cpu"]
+    r = CliRunner().invoke(app, ["bench", "--preset", "cpu", "--arch", "gpt2", "--quick", *tiny, "--estimate-memory",
+                                 "--vs", "model.dropout=0.2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["sections"] == ["train", "memory"]  # --vs brings the train section along
+    assert [v["overrides"] for v in data["train"]["variants"]] == [["model.dropout=0.2"]]
+    for bad in ("model.nope=1", " "):
+        r = CliRunner().invoke(app, ["bench", "--preset", "cpu", *tiny, "-s", "train", "--vs", bad])
+        assert r.exit_code == 1 and "Traceback" not in r.output and r.stderr.strip().startswith("error: ")
 
 
 def test_median_times_balances_the_order_of_its_functions():

@@ -63,6 +63,7 @@ def test_every_preset_loads_and_builds(preset, arch):
 
 def test_presets_ship_in_the_wheel(tmp_path):
     """A non-editable install must find presets and the bundled corpus."""
+    import os
     import subprocess
     import sys
     import zipfile
@@ -71,10 +72,20 @@ def test_presets_ship_in_the_wheel(tmp_path):
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(root)], check=True, cwd=tmp_path)
-    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    wheel = zipfile.ZipFile(next(tmp_path.glob("*.whl")))
+    names = wheel.namelist()
     for p in list_presets():
         assert f"minideep_cli/presets/{p}.yaml" in names
     assert "minideep_cli/assets/tinyshakespeare.txt" in names
+    # installed as pip lays a wheel out (no source tree next to it), the code finds both
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    probe = ("import minideep_cli, minideep_cli.config as c, minideep_cli.data as d; "
+             "print(minideep_cli.__file__); print(c.list_presets()); print(d.bundled_corpus().is_file())")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(site)}).stdout.splitlines()
+    assert out[0].startswith(str(site))  # the installed copy, not this checkout
+    assert out[1] == str(list_presets()) and out[2] == "True"
 
 
 def test_dropout_rates_are_checked():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import tiny_model_cfg
 
-from minideep_cli.generate import generate
+from minideep_cli.generate import generate, generate_steps, sample_next
 from minideep_cli.models import build_model
 
 ARCHES = ["gpt2", "moe"]
@@ -45,6 +45,35 @@ def test_cached_sampling_equals_uncached(arch):
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert list(generate(model, prompt, 30, 1.0, top_k=20, generator=g1)) == \
         list(generate(model, prompt, 30, 1.0, top_k=20, generator=g2, use_cache=False))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_generation_past_block_size_restarts_from_the_last_half_with_or_without_cache(arch):
+    model = build_model(tiny_model_cfg(arch, block_size=16)).eval()
+    prompt = torch.randint(0, 97, (20,)).tolist()  # longer than the block: its last 16 tokens
+    cached = list(generate_steps(model, prompt, 30, temperature=0.0))
+    plain = list(generate_steps(model, prompt, 30, temperature=0.0, use_cache=False))
+    assert [s.token for s in cached] == [s.token for s in plain]
+    window = ([16] + list(range(8, 17)) * 4)[:30]  # 16 tokens, then 8 (the last half) growing back to 16, ...
+    seq = list(prompt)
+    for i, (c, p) in enumerate(zip(cached, plain)):
+        with torch.no_grad():
+            want = model(torch.tensor([seq[-window[i]:]])).logits[0, -1]
+        torch.testing.assert_close(c.logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p.logits, want, rtol=1e-5, atol=1e-5)
+        seq.append(c.token)
+
+
+def test_top_p_and_top_k_keep_exactly_the_tokens_they_should():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(4000, 1)  # probabilities, best first
+    g = torch.Generator().manual_seed(0)
+
+    def kept(**kw):
+        return set(sample_next(logits, 1.0, generator=g, **kw).tolist())
+    assert kept(top_p=0.6) == {0, 1}  # 0.5 < 0.6: the token crossing the threshold stays
+    assert kept(top_p=0.45) == {0} and kept(top_p=0.81) == {0, 1, 2}
+    assert kept(top_k=3) == {0, 1, 2} and kept() == {0, 1, 2, 3}
+    assert sample_next(logits[:1], 0.0).item() == 0  # greedy
 
 
 def test_generation_runs_without_autograd_but_leaves_the_callers_mode_alone():

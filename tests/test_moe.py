@@ -134,6 +134,25 @@ def test_dropless_drops_nothing_and_eval_is_dropless_by_default():
     assert int(stats["dropped"]) == 0  # eval_capacity_factor is null
 
 
+def test_balancing_losses_by_hand_with_noise_in_training():
+    """z-loss on the clean router logits, aux on the counts and the (noisy, as routed) probabilities,
+    each with its own coefficient; jitter noise changes the choices but not what the z-loss sees."""
+    layer = make_layer(n_experts=4, top_k=2, router_noise="jitter", router_noise_std=1.0, capacity_factor=None,
+                       aux_loss_coef=0.3, z_loss_coef=0.007).train()
+    x = torch.randn(2, 5, 32)
+    torch.manual_seed(3)
+    _, stats = layer(x)
+    logits = x.reshape(10, 32) @ layer.router.weight.T  # (N, E), clean
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    counts = torch.bincount(stats["expert_ids"].flatten(), minlength=4).float()
+    aux = 4 * ((counts / counts.sum()) * stats["probs"].mean(0)).sum()
+    assert not torch.allclose(stats["probs"], logits.softmax(-1))  # noisy
+    torch.testing.assert_close(stats["z"], z)
+    torch.testing.assert_close(stats["aux"], aux)
+    torch.testing.assert_close(stats["loss"], 0.3 * aux + 0.007 * z)
+    assert not torch.equal(stats["expert_ids"], logits.topk(2, -1).indices)  # the noise did change choices
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("norm_topk", [False, True])
 def test_router_learns_from_the_lm_loss_alone(top_k, norm_topk):

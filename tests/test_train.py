@@ -39,6 +39,14 @@ def test_resume_gives_the_same_losses_as_never_stopping(tmp_path, small_data, ar
     assert r2.step == 20 and r2.stopped == "done"
     assert len(straight) == 20
     assert first + rest == straight  # exactly, step for step
+    # TensorBoard keeps the stopped run's steps up to the checkpoint (8 included) and the resumed ones
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "b" / "tb"))
+    ea.Reload()
+    logged = ea.Scalars("train/loss")
+    assert [e.step for e in logged] == list(range(1, 21))
+    assert [e.value for e in logged] == pytest.approx(straight, rel=1e-6)
 
 
 def test_tiny_moe_learns_below_unigram_entropy(tmp_path, small_data):

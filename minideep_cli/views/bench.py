@@ -47,6 +47,13 @@ def render_bench(console, r: dict) -> None:
         console.print(f"  peak: {t['peak_source']}")
         console.print(f"  a {t['dtype']} square matmul here runs at {t['matmul_tflops']:.3f} TFLOPS: the step reaches "
                       f"{100 * t['matmul_fraction']:.0f}% of it")
+        if t["variants"]:
+            tab = _table("train: the same step with other settings (timed interleaved with it)", "with", "dtype",
+                         "tokens/s", "step", "vs plain")
+            for v in t["variants"]:
+                tab.add_row(" ".join(v["overrides"]), v["dtype"], f"{v['tokens_per_sec']:,.0f}", f"{v['step_ms']:,.1f} ms",
+                            _x(v["vs_base"]))
+            console.print(tab)
     if r["moe"]:
         tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
                      "loop", "MoE / dense", "MoE / loop")
