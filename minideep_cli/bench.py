@@ -440,7 +440,10 @@ def parse_bytes(text: str) -> int:
         raise UserError(f"cannot read '{text}' as a memory size; write e.g. 12GB or 40GiB")
     unit = (m.group(2) or "").lower().rstrip("b")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    n = int(float(m.group(1)) * scale)
+    if n <= 0:
+        raise UserError(f"a memory size must be above 0, got '{text}'")
+    return n
 
 
 def experts_stand_in(experts):

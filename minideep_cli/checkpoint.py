@@ -22,6 +22,7 @@ from .files import atomic_file
 
 KIND = "minideep-checkpoint"
 FORMAT = 1
+PARTS = {"model": dict, "config": dict, "tokenizer": str, "loop": dict}  # what every reader relies on
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -43,12 +44,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         from .export import is_export_dir, load_export
 
         if is_export_dir(p):  # a `minideep export --format safetensors` folder: JSON + safetensors
-            return load_export(p)
+            return complete(load_export(p), p)
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
     with open(p, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save's zip container; never the legacy pickle format
             raise UserError(f"{p} is not a minideep checkpoint")
+    try:  # the zip stores a CRC-32 of every part, which torch.load does not check: a flipped bit loads
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"{p} is not a readable minideep checkpoint (damaged or another format): {e}")
+    if bad is not None:
+        raise UserError(f"{p} is damaged: its part {bad} does not match its checksum")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
@@ -58,6 +66,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{p} is not a minideep checkpoint")
     if ckpt.get("format") != FORMAT:
         raise UserError(f"{p} has checkpoint format {ckpt.get('format')}; this minideep reads {FORMAT}")
+    return complete(ckpt, p)
+
+
+def complete(ckpt: dict, p: Path) -> dict:
+    """The checkpoint, once its parts are there and of the right kind (a damaged one: UserError)."""
+    from .tokenizer import load_tokenizer
+
+    for key, kind in PARTS.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise UserError(f"{p} is not a complete minideep checkpoint (its '{key}' is missing or damaged)")
+    if not isinstance(ckpt["loop"].get("step"), int):
+        raise UserError(f"{p} is not a complete minideep checkpoint (its 'loop' has no step)")
+    load_tokenizer(ckpt["tokenizer"], f"the tokenizer in {p}")
     return ckpt
 
 
@@ -95,10 +116,14 @@ def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
 
 def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
     """Rebuild the model a checkpoint describes and load its weights; returns (model, config)."""
-    from .config import Config
+    from .config import Config, validate
     from .models import build_model
 
     cfg = Config.from_dict(ckpt["config"])
+    try:
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"the checkpoint's config is invalid: {e}")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])

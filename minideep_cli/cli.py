@@ -7,6 +7,7 @@ A UserError becomes one line on stderr and exit code 1 (a traceback only with --
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import typer
 
 from . import __version__
 from .errors import UserError
+from .files import writable, write_text
 
 app = typer.Typer(
     add_completion=False,
@@ -44,6 +46,8 @@ def guarded(fn):
                 raise
             _err(str(e))
             raise typer.Exit(1)
+        except typer.Exit:  # a deliberate exit code (click's Exit is a RuntimeError)
+            raise
         except (OSError, RuntimeError, ValueError) as e:
             if debug:
                 raise
@@ -238,8 +242,8 @@ class TrainView:
             mark = " *" if info["best"] else ""
             c.print(f"step {info['step']:>6}  val loss {info['loss']:.4f}  val bpb {info['bpb']:.4f}{mark}")
         elif kind == "diverged":
-            c.print(f"[red]loss became {info['loss']} at step {info['step']}; stopped. "
-                    "The last good checkpoint is intact; try a lower train.lr.[/red]")
+            kept = "The last good checkpoint is intact" if info["saved"] else "No checkpoint had been saved yet"
+            c.print(f"[red]loss became {info['loss']} at step {info['step']}; stopped. {kept}; try a lower train.lr.[/red]")
         elif kind == "final_eval":
             self.bar.stop()
             c.print("evaluating on the full validation split ...")
@@ -276,6 +280,10 @@ def train(
 
     overrides = list(override or [])
     if resume:
+        given = [flag for flag, v in (("--preset", preset), ("--config", config), ("--arch", arch)) if v is not None]
+        if given:
+            raise UserError(f"--resume continues the run's saved config: {', '.join(given)} cannot change it "
+                            "(-o train.KEY=VALUE can, e.g. -o train.max_steps=20000)")
         run_dir = out or newest_run()
         if run_dir is None:
             raise UserError("--resume: no run to resume under ./runs; give --out RUN_DIR")
@@ -290,7 +298,8 @@ def train(
             cfg.data.dir = str(data)
         validate(cfg)
     else:
-        cfg = resolve_config(preset or (None if config else auto_preset()), str(config) if config else None,
+        cfg = resolve_config(preset if preset is not None else (None if config else auto_preset()),
+                             str(config) if config else None,
                              overrides, arch)
         if data:
             cfg.data.dir = str(data)
@@ -422,6 +431,8 @@ def sample(
         raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     if not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    if not 0 <= temperature < math.inf or top_k < 0:
+        raise UserError("--temperature must be 0 (greedy) or positive and finite, --top-k 0 (off) or positive")
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device)
@@ -531,8 +542,8 @@ def inspect_routing(
     if max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
     for out in (json_out, html):
-        if out is not None and not out.parent.is_dir():
-            raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+        if out is not None:
+            writable(out)
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device)
@@ -576,12 +587,12 @@ def inspect_routing(
     if json_out:
         import json
 
-        _write_file(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        write_text(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
         console.print(f"wrote {json_out}")
     if html:
         from .views.html import render_html
 
-        _write_file(html, render_html(report))
+        write_text(html, render_html(report))
         console.print(f"wrote {html}")
 
 
@@ -598,7 +609,7 @@ def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
     if json_out:
         import json
 
-        _write_file(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
+        write_text(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
 
 
 def _progress_bar(what: str):
@@ -607,23 +618,6 @@ def _progress_bar(what: str):
 
     return Progress(f"[bold]{what}", BarColumn(), MofNCompleteColumn(), "tokens", TimeElapsedColumn(), "eta",
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-
-
-def _write_file(path: Path, text: str) -> None:
-    """Write to a temporary name beside path, then rename: a failure never leaves half a file."""
-    import os
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()
@@ -669,7 +663,11 @@ def bench(
         if threads < 1:
             raise UserError("--threads must be at least 1")
         torch.set_num_threads(threads)
-    name = preset or (None if config else auto_preset())
+    if json_file:
+        writable(json_file)
+    if estimate_memory and section and set(section) != {"memory"}:
+        raise UserError("--estimate-memory predicts memory alone: drop -s, or use -s memory without it")
+    name = preset if preset is not None else (None if config else auto_preset())
     cfg = bench_config(resolve_config(name, str(config) if config else None, overrides, arch))
     if any(not v.split() for v in vs or []):
         raise UserError("--vs needs one or more section.key=value overrides, e.g. --vs model.dropout=0")
@@ -692,7 +690,7 @@ def bench(
                        variants=variants)
     render_bench(console, result)
     if json_file:
-        json_file.write_text(json_safe(result))
+        write_text(json_file, json_safe(result))
         console.print(f"wrote {json_file}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,7 +295,7 @@ def resolve_config(
 ) -> Config:
     """defaults < preset < config file < overrides; per-arch sections for the chosen arch."""
     layers: list[tuple[str, dict]] = []
-    if preset:
+    if preset is not None:
         layers.append((f"preset '{preset}'", load_preset(preset)))
     if config_file:
         layers.append((f"config {config_file}", read_yaml(Path(config_file), "config file")))
@@ -337,6 +338,25 @@ def validate(cfg: Config) -> None:
         p = getattr(m, key)
         if p is not None and not 0 <= p < 1:
             raise UserError(f"model.{key} must be at least 0 and below 1, got {p}")
+    def require(section: str, obj, names: tuple[str, ...], ok, what: str) -> None:
+        for name in names:
+            if not ok(getattr(obj, name)):
+                raise UserError(f"{section}.{name} {what}, got {getattr(obj, name)}")
+
+    positive, finite = (lambda v: v > 0), (lambda v: 0 <= v < math.inf)
+    require("model", m, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "moe_every", "rope_theta"),
+            positive, "must be positive")
+    require("train", t, ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lr"),
+            positive, "must be positive")
+    require("model", m, ("n_kv_head", "ffn_hidden", "expert_hidden", "n_shared_experts", "first_k_dense",
+                         "router_noise_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
+            finite, "cannot be negative or infinite")
+    require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens"), finite,
+            "cannot be negative or infinite")
+    require("sample", cfg.sample, ("temperature", "top_k", "max_new_tokens"), finite, "cannot be negative or infinite")
+    require("train", t, ("warmup", "beta1", "beta2"), lambda v: 0 <= v < 1, "must be at least 0 and below 1")
+    require("train", t, ("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    require("sample", cfg.sample, ("top_p",), lambda v: 0 < v <= 1, "must be above 0 and at most 1")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     kv = m.n_kv_head or m.n_head
@@ -371,12 +391,6 @@ def validate(cfg: Config) -> None:
         v = getattr(m, name)
         if v is not None and v <= 0:
             raise UserError(f"model.{name} must be positive or null (dropless)")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if getattr(m, name) <= 0:
-            raise UserError(f"model.{name} must be positive")
-    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(t, name) <= 0:
-            raise UserError(f"train.{name} must be positive")
     if t.max_steps <= 0 and t.max_minutes <= 0:
         raise UserError("set train.max_steps or train.max_minutes (both are 0)")
     if t.max_steps < 0 or t.max_minutes < 0:

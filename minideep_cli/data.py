@@ -578,6 +578,7 @@ class TokenData:
             meta = json.loads((d / "meta.json").read_text())
             dtype = np.dtype(meta["dtype"])
             tok_json = (d / "tokenizer.json").read_text()
+            load_tokenizer(tok_json, str(d / "tokenizer.json"))  # a damaged one: one clear line now, not later
             if meta.get("layout", "single") == "shards":
                 files = {"val": [], "train": []}
                 for s in meta["shards"]:

@@ -49,12 +49,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import UserError
+from .files import temp_dir
 
 FORMATS = ("hf", "safetensors")
 EXPORT_KIND = "minideep-export"
@@ -142,7 +142,7 @@ def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable
     check_out_dir(out_dir, force)
     parent = out_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    tmp = temp_dir(parent / out_dir.name)
     old = None
     try:
         for name, content in files.items():
@@ -151,11 +151,13 @@ def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable
                 path.write_text(content, encoding="utf-8")
             else:
                 save_tensors(content, str(path), metadata={"format": "pt"})
+                # safetensors writes owner-only: give it a new file's mode (the folder's, less execute)
+                os.chmod(path, tmp.stat().st_mode & 0o666)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         if out_dir.is_dir():
             if any(out_dir.iterdir()):  # force: keep the old folder until the new one is in place
-                old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".old"))
+                old = temp_dir(parent / out_dir.name, ".old")
                 os.replace(out_dir, old / "replaced")
             else:
                 out_dir.rmdir()

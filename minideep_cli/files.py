@@ -3,18 +3,46 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from .errors import UserError
+
+
+def writable(path: str | os.PathLike) -> Path:
+    """path, if a file can be written there (its folder exists and it is not a folder itself);
+    checked before a long computation, so a wrong path fails first, not last."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder")
+    return path
+
+
+def temp_name(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden name beside path (for a file or folder to be renamed over it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def temp_dir(path: Path, suffix: str = ".tmp") -> Path:
+    """Create an empty folder beside path with the permissions of any new folder (the umask
+    applies; tempfile.mkdtemp's would be owner-only, and the folder is renamed into place)."""
+    tmp = temp_name(path, suffix)
+    tmp.mkdir(0o777)
+    return tmp
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file in path's folder; on success flush, fsync and rename it over `path`,
-    on failure delete it. Readers see the old file or the complete new one, never a part."""
+    on failure delete it. Readers see the old file or the complete new one, never a part. The
+    file gets the permissions of any new file (the umask applies; not mkstemp's owner-only)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -22,5 +50,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically (see atomic_file)."""
+    with atomic_file(writable(path)) as f:
+        f.write(text.encode("utf-8"))

@@ -6,6 +6,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import UserError
+
 EOT = "<|endoftext|>"
 
 
@@ -25,8 +27,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(json_text: str) -> Tokenizer:
-    tok = Tokenizer.from_str(json_text)
+def load_tokenizer(json_text: str, where: str = "the tokenizer") -> Tokenizer:
+    """A tokenizer from its JSON; a damaged one is a UserError naming `where` it came from."""
+    try:
+        tok = Tokenizer.from_str(json_text)
+    except Exception as e:  # tokenizers raises a bare Exception for text it cannot parse
+        raise UserError(f"{where} is damaged (not a tokenizer JSON): {str(e).splitlines()[0][:120]}")
     # "<|endoftext|>" written in a text is text, not a document boundary: encode it as such
     # (the flag is not part of the JSON, so it is set on every load)
     tok.encode_special_tokens = True

@@ -355,7 +355,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
                 loss_count = 0
                 if not math.isfinite(train_loss) or not math.isfinite(grad_norm.item()):
                     stopped = "diverged"
-                    emit("diverged", {"step": step, "loss": train_loss})
+                    emit("diverged", {"step": step, "loss": train_loss, "saved": (run_dir / "last.pt").is_file()})
                     break
                 now = time.perf_counter()
                 tps = (tokens_seen - last_log_tokens) / max(1e-9, now - last_log_time)
@@ -377,7 +377,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
                 val = quick_val()
                 if not math.isfinite(val["loss"]):
                     stopped = "diverged"
-                    emit("diverged", {"step": step, "loss": val["loss"]})
+                    emit("diverged", {"step": step, "loss": val["loss"], "saved": (run_dir / "last.pt").is_file()})
                     break
                 writer.add_scalar("val/loss", val["loss"], step)
                 writer.add_scalar("val/bpb", val["bpb"], step)

@@ -127,6 +127,50 @@ def test_bad_checkpoints_leave_files_untouched(trained, tmp_path):
     assert digest(tmp_path) == before
 
 
+def test_checkpoints_with_missing_or_damaged_parts_are_one_line_errors(trained, tmp_path):
+    root, _ = trained
+    good = torch.load(root / "run" / "last.pt", weights_only=True)
+    bad = {"noloop": ({**good, "loop": None}, "'loop' is missing"), "nomodel": ({**good, "model": "x"}, "'model'"),
+           "badtok": ({**good, "tokenizer": "garbage"}, "tokenizer in"),
+           "badcfg": ({**good, "config": {**good["config"], "model": {**good["config"]["model"], "n_head": 0}}},
+                      "n_head must be positive")}
+    for name, (state, needle) in bad.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        for cmd in (["eval"], ["sample", "--max-new-tokens", "3"], ["export", "--format", "safetensors"]):
+            extra = [tmp_path / f"out-{name}"] if cmd[0] == "export" else []
+            assert_clean_error(invoke(cmd[0], tmp_path / f"{name}.pt", *extra, *cmd[1:]), needle)
+    flipped = bytearray((root / "run" / "last.pt").read_bytes())  # silent corruption: a few bytes in the weights
+    for i in range(len(flipped) // 2, len(flipped) // 2 + 16):
+        flipped[i] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(flipped)
+    assert_clean_error(invoke("eval", tmp_path / "flipped.pt"), "does not match its checksum")
+    data = tmp_path / "data"
+    import shutil
+    shutil.copytree(root / "data", data)
+    (data / "tokenizer.json").write_text("garbage")
+    assert_clean_error(invoke("train", "--data", data, "--out", tmp_path / "r", *TINY), "tokenizer.json is damaged")
+
+
+def test_out_of_range_settings_and_resume_flags_are_refused(trained, tmp_path):
+    root, _ = trained
+    for o, needle in [("model.n_head=0", "n_head must be positive"), ("model.moe_every=0", "moe_every"),
+                      ("model.rope_theta=0", "rope_theta"), ("train.warmup=2", "warmup"), ("train.lr=-1", "train.lr"),
+                      ("model.n_kv_head=-1", "n_kv_head"), ("sample.top_p=0", "top_p")]:
+        assert_clean_error(invoke("train", "-o", o, "--out", tmp_path / "r"), needle)
+    assert_clean_error(invoke("train", "--preset", "", "--out", tmp_path / "r"), "unknown preset ''")
+    assert_clean_error(invoke("sample", root / "run", "--temperature", "-1"), "--temperature")
+    assert_clean_error(invoke("train", "--resume", "--out", root / "run", "--arch", "gpt2"), "--arch cannot change it")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_diverging_run_exits_1_with_its_own_message_only(trained, tmp_path):
+    root, _ = trained
+    r = invoke("train", "--preset", "cpu", "--data", root / "data", "--out", tmp_path / "r", *TINY, "-o", "train.lr=1e12",
+               "-o", "train.grad_clip=0", "-o", "train.log_interval=1", "-o", "train.max_steps=30")
+    assert r.exit_code == 1 and "loss became" in r.output and "No checkpoint had been saved yet" in r.output
+    assert "error:" not in r.stderr
+
+
 def test_failed_train_leaves_an_existing_run_untouched(trained):
     root, _ = trained
     before = digest(root / "run")

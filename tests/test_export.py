@@ -303,6 +303,22 @@ def test_out_dir_is_never_overwritten_without_force(tmp_path, tok_json):
     assert ckpt.is_file() and (tmp_path / "empty" / "model.safetensors").is_file()
 
 
+def test_exports_and_checkpoints_get_the_permissions_of_any_new_file(tmp_path, tok_json):
+    import os
+    import stat
+
+    mask = os.umask(0o022)  # a shared machine's usual umask, whatever this one's is
+    try:
+        _, ckpt = make_ckpt(tmp_path / "ckpt.pt", tok_json, "gpt2")
+        r = invoke("export", ckpt, tmp_path / "shared", "--format", "safetensors")
+    finally:
+        os.umask(mask)
+    assert r.exit_code == 0, r.output
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(ckpt) == 0o644 and mode(tmp_path / "shared") == 0o755  # not mkstemp's 0600, mkdtemp's 0700
+    assert {mode(p) for p in (tmp_path / "shared").iterdir()} == {0o644}
+
+
 def test_a_failed_write_leaves_nothing_half_written(tmp_path, tok_json, monkeypatch):
     import safetensors.torch
 
