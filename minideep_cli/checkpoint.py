@@ -128,5 +128,6 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its config ({cfg.model.arch}): {str(e).splitlines()[0]}")
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:200]  # the missing/unexpected keys
+        raise UserError(f"checkpoint weights do not match its config ({cfg.model.arch}): {detail}")
     return model.to(device).eval(), cfg

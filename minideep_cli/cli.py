@@ -364,7 +364,7 @@ def eval_cmd(
         raise UserError("give --text or --data, not both")
     path = resolve_checkpoint(str(ckpt))
     state = load_checkpoint(path)
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     model, cfg = model_from_checkpoint(state, dev)
     tok = load_tokenizer(state["tokenizer"])
     if text:
@@ -435,7 +435,7 @@ def sample(
         raise UserError("--temperature must be 0 (greedy) or positive and finite, --top-k 0 (off) or positive")
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     model, cfg = model_from_checkpoint(state, dev)
     tok = load_tokenizer(state["tokenizer"])
     pieces = token_bytes(tok)
@@ -546,7 +546,7 @@ def inspect_routing(
             writable(out)
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     model, cfg = model_from_checkpoint(state, dev)
     moe_blocks = [i for i in range(cfg.model.n_layer) if cfg.model.arch == "moe" and is_moe_layer(cfg.model, i)]
     if not moe_blocks:

@@ -47,11 +47,17 @@ class TrainResult:
     main: bool = True  # False on torchrun ranks other than 0 (they report nothing)
 
 
-def pick_device(name: str) -> str:
+def pick_device(name: str, option: str = "train.device") -> str:
+    """auto (CUDA when there is one, else CPU), or the device named; `option` names the setting
+    in messages."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{option}: unknown device '{name}'; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but CUDA is not available")
+        raise UserError(f"{option}={name} but CUDA is not available")
     return name
 
 

@@ -132,6 +132,7 @@ def test_checkpoints_with_missing_or_damaged_parts_are_one_line_errors(trained, 
     good = torch.load(root / "run" / "last.pt", weights_only=True)
     bad = {"noloop": ({**good, "loop": None}, "'loop' is missing"), "nomodel": ({**good, "model": "x"}, "'model'"),
            "badtok": ({**good, "tokenizer": "garbage"}, "tokenizer in"),
+           "nokey": ({**good, "model": dict(list(good["model"].items())[1:])}, "Missing key(s)"),
            "badcfg": ({**good, "config": {**good["config"], "model": {**good["config"]["model"], "n_head": 0}}},
                       "n_head must be positive")}
     for name, (state, needle) in bad.items():
@@ -159,6 +160,7 @@ def test_out_of_range_settings_and_resume_flags_are_refused(trained, tmp_path):
         assert_clean_error(invoke("train", "-o", o, "--out", tmp_path / "r"), needle)
     assert_clean_error(invoke("train", "--preset", "", "--out", tmp_path / "r"), "unknown preset ''")
     assert_clean_error(invoke("sample", root / "run", "--temperature", "-1"), "--temperature")
+    assert_clean_error(invoke("sample", root / "run", "--device", "tpu"), "--device: unknown device 'tpu'")
     assert_clean_error(invoke("train", "--resume", "--out", root / "run", "--arch", "gpt2"), "--arch cannot change it")
     assert not (tmp_path / "r").exists()
 
