@@ -116,12 +116,12 @@ def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
 
 def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
     """Rebuild the model a checkpoint describes and load its weights; returns (model, config)."""
-    from .config import Config, validate
+    from .config import Config, validate_model
     from .models import build_model
 
     cfg = Config.from_dict(ckpt["config"])
     try:
-        validate(cfg)
+        validate_model(cfg.model)  # only what the model needs: training settings play no part here
     except UserError as e:
         raise UserError(f"the checkpoint's config is invalid: {e}")
     model = build_model(cfg.model)

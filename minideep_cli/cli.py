@@ -7,7 +7,6 @@ A UserError becomes one line on stderr and exit code 1 (a traceback only with --
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import typer
 
 from . import __version__
 from .errors import UserError
-from .files import writable, write_text
+from .files import writable, write_file
 
 app = typer.Typer(
     add_completion=False,
@@ -423,16 +422,13 @@ def sample(
     import torch
 
     from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from .config import SampleConfig, validate_sample
     from .generate import generate
     from .tokenizer import load_tokenizer, token_bytes
     from .train import pick_device
 
-    if max_new_tokens < 0 or num_samples < 1:
-        raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-    if not 0 < top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
-    if not 0 <= temperature < math.inf or top_k < 0:
-        raise UserError("--temperature must be 0 (greedy) or positive and finite, --top-k 0 (off) or positive")
+    validate_sample(SampleConfig(prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples),
+                    lambda name: "--" + name.replace("_", "-"))
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
@@ -587,12 +583,12 @@ def inspect_routing(
     if json_out:
         import json
 
-        write_text(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        write_file(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
         console.print(f"wrote {json_out}")
     if html:
         from .views.html import render_html
 
-        write_text(html, render_html(report))
+        write_file(html, render_html(report))
         console.print(f"wrote {html}")
 
 
@@ -609,7 +605,7 @@ def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
     if json_out:
         import json
 
-        write_text(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
+        write_file(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
 
 
 def _progress_bar(what: str):
@@ -665,8 +661,8 @@ def bench(
         torch.set_num_threads(threads)
     if json_file:
         writable(json_file)
-    if estimate_memory and section and set(section) != {"memory"}:
-        raise UserError("--estimate-memory predicts memory alone: drop -s, or use -s memory without it")
+    if estimate_memory and ((section and set(section) != {"memory"}) or vs or compare_hf):
+        raise UserError("--estimate-memory predicts memory alone: drop it, or drop -s, --vs and --compare-hf")
     name = preset if preset is not None else (None if config else auto_preset())
     cfg = bench_config(resolve_config(name, str(config) if config else None, overrides, arch))
     if any(not v.split() for v in vs or []):
@@ -690,7 +686,7 @@ def bench(
                        variants=variants)
     render_bench(console, result)
     if json_file:
-        write_text(json_file, json_safe(result))
+        write_file(json_file, json_safe(result))
         console.print(f"wrote {json_file}")
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-import importlib.util
 from pathlib import Path
 from typing import Any, Optional
 
@@ -330,33 +330,68 @@ def attention_dropout(m: ModelConfig) -> float:
     return m.dropout if m.attention_dropout is None else m.attention_dropout
 
 
+def _require(section: str, obj, names: tuple[str, ...], ok, what: str) -> None:
+    for name in names:
+        if not ok(getattr(obj, name)):
+            raise UserError(f"{section}.{name} {what}, got {getattr(obj, name)}")
+
+
+def _positive(v) -> bool:
+    return 0 < v < math.inf
+
+
+def _non_negative(v) -> bool:
+    return 0 <= v < math.inf
+
+
 def validate(cfg: Config) -> None:
-    m, t = cfg.model, cfg.train
+    """Every setting in range, for a run: the model, training and sampling sections."""
+    validate_model(cfg.model)
+    t = cfg.train
+    _require("train", t, ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lr"),
+             _positive, "must be positive")
+    _require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens"), _non_negative,
+             "cannot be negative or infinite")
+    _require("train", t, ("warmup", "beta1", "beta2"), lambda v: 0 <= v < 1, "must be at least 0 and below 1")
+    _require("train", t, ("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    if t.max_steps <= 0 and t.max_minutes <= 0:
+        raise UserError("set train.max_steps or train.max_minutes (both are 0)")
+    if t.max_steps < 0 or t.max_minutes < 0:
+        raise UserError("train.max_steps and train.max_minutes cannot be negative")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"train.dtype must be auto, float32 or bfloat16, got '{t.dtype}'")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise UserError("data.val_fraction must be between 0 and 1")
+    if cfg.data.vocab_size < 257:
+        raise UserError("data.vocab_size must be at least 257 (256 bytes + <|endoftext|>)")
+    validate_sample(cfg.sample)
+
+
+def validate_sample(s: SampleConfig, label=lambda name: f"sample.{name}") -> None:
+    """Sampling settings in range (temperature 0 = greedy, top_k 0 = off); label(name) names a
+    setting in messages (the sample command's options: --top-k, ...)."""
+    for name in ("temperature", "top_k", "max_new_tokens"):
+        if not _non_negative(getattr(s, name)):
+            raise UserError(f"{label(name)} cannot be negative or infinite, got {getattr(s, name)}")
+    if not 0 < s.top_p <= 1:
+        raise UserError(f"{label('top_p')} must be above 0 and at most 1, got {s.top_p}")
+    if s.num_samples < 1:
+        raise UserError(f"{label('num_samples')} must be at least 1, got {s.num_samples}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section alone: what building a model needs (also checked when a checkpoint loads)."""
     if m.arch not in ARCHES:
         raise UserError(f"unknown arch '{m.arch}'; choose one of: {', '.join(ARCHES)}")
     for key in ("dropout", "attention_dropout"):
         p = getattr(m, key)
         if p is not None and not 0 <= p < 1:
             raise UserError(f"model.{key} must be at least 0 and below 1, got {p}")
-    def require(section: str, obj, names: tuple[str, ...], ok, what: str) -> None:
-        for name in names:
-            if not ok(getattr(obj, name)):
-                raise UserError(f"{section}.{name} {what}, got {getattr(obj, name)}")
-
-    positive, finite = (lambda v: v > 0), (lambda v: 0 <= v < math.inf)
-    require("model", m, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "moe_every", "rope_theta"),
-            positive, "must be positive")
-    require("train", t, ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lr"),
-            positive, "must be positive")
-    require("model", m, ("n_kv_head", "ffn_hidden", "expert_hidden", "n_shared_experts", "first_k_dense",
-                         "router_noise_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
-            finite, "cannot be negative or infinite")
-    require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens"), finite,
-            "cannot be negative or infinite")
-    require("sample", cfg.sample, ("temperature", "top_k", "max_new_tokens"), finite, "cannot be negative or infinite")
-    require("train", t, ("warmup", "beta1", "beta2"), lambda v: 0 <= v < 1, "must be at least 0 and below 1")
-    require("train", t, ("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
-    require("sample", cfg.sample, ("top_p",), lambda v: 0 < v <= 1, "must be above 0 and at most 1")
+    _require("model", m, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "moe_every", "rope_theta"),
+             _positive, "must be positive")
+    _require("model", m, ("n_kv_head", "ffn_hidden", "expert_hidden", "n_shared_experts", "first_k_dense",
+                          "router_noise_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
+             _non_negative, "cannot be negative or infinite")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     kv = m.n_kv_head or m.n_head
@@ -391,16 +426,6 @@ def validate(cfg: Config) -> None:
         v = getattr(m, name)
         if v is not None and v <= 0:
             raise UserError(f"model.{name} must be positive or null (dropless)")
-    if t.max_steps <= 0 and t.max_minutes <= 0:
-        raise UserError("set train.max_steps or train.max_minutes (both are 0)")
-    if t.max_steps < 0 or t.max_minutes < 0:
-        raise UserError("train.max_steps and train.max_minutes cannot be negative")
-    if t.dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"train.dtype must be auto, float32 or bfloat16, got '{t.dtype}'")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise UserError("data.val_fraction must be between 0 and 1")
-    if cfg.data.vocab_size < 257:
-        raise UserError("data.vocab_size must be at least 257 (256 bytes + <|endoftext|>)")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .errors import UserError
-from .files import atomic_file
+from .files import write_file
 from .tokenizer import EOT, load_tokenizer, split_chunks, token_byte_lengths, train_tokenizer
 
 Progress = Callable[[int, int], None]  # (done, total) in characters
@@ -76,11 +76,6 @@ def _encode(tok, text: str, dtype: np.dtype, progress: Optional[Progress], done:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data)
-
-
 def tokenize_text(
     text: str,
     out_dir: str | os.PathLike,
@@ -104,9 +99,9 @@ def tokenize_text(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
-    _write_atomic(out / "tokenizer.json", tok.to_str().encode())
-    _write_atomic(out / "train.bin", train_ids.tobytes())
-    _write_atomic(out / "val.bin", val_ids.tobytes())
+    write_file(out / "tokenizer.json", tok.to_str().encode())
+    write_file(out / "train.bin", train_ids.tobytes())
+    write_file(out / "val.bin", val_ids.tobytes())
     meta = {
         "format": FORMAT_VERSION,
         "vocab_size": tok.get_vocab_size(),
@@ -119,7 +114,7 @@ def tokenize_text(
         "source": source,
         "source_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }
-    _write_atomic(out / "meta.json", json.dumps(meta, indent=2).encode())
+    write_file(out / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
 
 
@@ -451,9 +446,9 @@ def tokenize_source(
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
         _remove_data_files(out)
-        _write_atomic(out / "tokenizer.json", tok_json.encode())
+        write_file(out / "tokenizer.json", tok_json.encode())
         state = {"settings": settings, "shards": [], "records": 0, "skip_tokens": 0, "documents": 0}
-        _write_atomic(out / "progress.json", json.dumps(state).encode())
+        write_file(out / "progress.json", json.dumps(state).encode())
     else:
         for f in out.glob(".*.tmp"):  # a shard a killed run was writing: never used
             f.unlink()
@@ -484,10 +479,10 @@ def tokenize_source(
     def write_shard(n: int, resume_records: int, resume_offset: int) -> None:
         split, name, _ = target(len(shards))
         arr = buf[:n]
-        _write_atomic(out / name, arr.tobytes())
+        write_file(out / name, arr.tobytes())
         shards.append({"split": split, "file": name, "tokens": int(n), "bytes": int(blen[arr].sum())})
         state.update(shards=shards, records=resume_records, skip_tokens=resume_offset, documents=documents)
-        _write_atomic(out / "progress.json", json.dumps(state).encode())
+        write_file(out / "progress.json", json.dumps(state).encode())
         report({"phase": "shard", "split": split, "file": name, "shards": len(shards)})
 
     if not finished_by_limit:
@@ -546,7 +541,7 @@ def tokenize_source(
         "source": source.label(),
         "settings": settings,
     }
-    _write_atomic(out / "meta.json", json.dumps(meta, indent=2).encode())
+    write_file(out / "meta.json", json.dumps(meta, indent=2).encode())
     (out / "progress.json").unlink(missing_ok=True)
     return meta
 

@@ -54,7 +54,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text atomically (see atomic_file)."""
+def write_file(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write bytes, or text as UTF-8, atomically (see atomic_file)."""
     with atomic_file(writable(path)) as f:
-        f.write(text.encode("utf-8"))
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)

@@ -82,7 +82,7 @@ def _steps(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, 
     cache = None
     for _ in range(max_new_tokens):
         if len(ids) - start > block:  # the context is full: start again from its last half
-            start, cache = len(ids) - block // 2, None
+            start, cache = len(ids) - max(1, block // 2), None
         if not use_cache:
             out = model(torch.tensor([ids[start:]], device=device))
         elif cache is None:

@@ -310,15 +310,17 @@ def test_cli_vs_times_a_variant_and_refuses_bad_ones(tmp_path):
     out = tmp_path / "v.json"
     tiny = ["-o", "model.n_layer=1", "-o", "model.n_embd=32", "-o", "model.n_head=2", "-o", "model.block_size=16",
             "-o", "train.batch_size=2", "-o", "train.device=cpu"]
-    r = CliRunner().invoke(app, ["bench", "--preset", "cpu", "--arch", "gpt2", "--quick", *tiny, "--estimate-memory",
+    r = CliRunner().invoke(app, ["bench", "--preset", "cpu", "--arch", "gpt2", "--quick", *tiny, "-s", "memory",
                                  "--vs", "model.dropout=0.2", "--json", str(out)])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["sections"] == ["train", "memory"]  # --vs brings the train section along
     assert [v["overrides"] for v in data["train"]["variants"]] == [["model.dropout=0.2"]]
-    for bad in ("model.nope=1", " "):
-        r = CliRunner().invoke(app, ["bench", "--preset", "cpu", *tiny, "-s", "train", "--vs", bad])
+    for bad, needle in ((["--vs", "model.nope=1"], "model.nope"), (["--vs", " "], "--vs needs"),
+                        (["--vs", "model.dropout=0", "--estimate-memory"], "--estimate-memory")):
+        r = CliRunner().invoke(app, ["bench", "--preset", "cpu", *tiny, *bad])
         assert r.exit_code == 1 and "Traceback" not in r.output and r.stderr.strip().startswith("error: ")
+        assert needle in r.stderr
 
 
 def test_median_times_balances_the_order_of_its_functions():

@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def collect(losses):
 
 @pytest.mark.parametrize("arch", ["gpt2", "moe"])
 def test_resume_gives_the_same_losses_as_never_stopping(tmp_path, small_data, arch):
-    cfg = tiny_train_cfg(small_data, arch, dropout=0.0)
+    cfg = tiny_train_cfg(small_data, arch, dropout=0.0, ckpt_interval=5)
     cfg.model.dropout = 0.1  # RNG state must be restored too
     cfg.model.router_noise = "jitter" if arch == "moe" else "none"
     straight = []
@@ -27,19 +28,22 @@ def test_resume_gives_the_same_losses_as_never_stopping(tmp_path, small_data, ar
 
     first = []
 
-    def stop_at_8(kind, info):
+    def stop_at_8(kind, info):  # keeps the step-5 checkpoint aside: as if the run died after step 8
         if kind == "step":
             first.append(info["loss"])
+            if info["step"] == 6:
+                shutil.copy(tmp_path / "b" / "last.pt", tmp_path / "step5.pt")
             return info["step"] == 8
     r = train(cfg, tmp_path / "b", on_event=stop_at_8)
     assert r.stopped == "interrupted" and r.step == 8
     assert load_checkpoint(tmp_path / "b" / "last.pt")["loop"]["step"] == 8
+    shutil.copy(tmp_path / "step5.pt", tmp_path / "b" / "last.pt")
     rest = []
     r2 = train(cfg, tmp_path / "b", resume=True, on_event=collect(rest))
     assert r2.step == 20 and r2.stopped == "done"
-    assert len(straight) == 20
-    assert first + rest == straight  # exactly, step for step
-    # TensorBoard keeps the stopped run's steps up to the checkpoint (8 included) and the resumed ones
+    assert len(straight) == 20 and len(first) == 8
+    assert first[:5] + rest == straight  # exactly, step for step
+    # TensorBoard: the first process's steps up to the checkpoint (5 included), none of its 6-8, then the resumed ones
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(tmp_path / "b" / "tb"))
