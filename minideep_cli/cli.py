@@ -109,13 +109,16 @@ def tokenize(
         help="Sharded: train the tokenizer on the first this many bytes of text; default: 100M.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Sharded: stop after this many tokens in all.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Encoding processes; default: CPU cores - 1.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a data dir made from other text or settings, "
+                                        "or write into a folder holding other files.")] = False,
 ):
     """Train a byte-level BPE and encode a corpus into train/val token files.
 
     One text file gives train.bin/val.bin (validation = the last 10%). Many documents (several
     files, folders, JSONL, parquet, --dataset) give token shards, validation first, each
     document after an <|endoftext|>; rerunning an interrupted command resumes at the last
-    complete shard.
+    complete shard. An --out holding other data (which runs may have trained on) is refused
+    without --force.
 
     Example: [bold]minideep tokenize input.txt --vocab-size 4096 --out data/mytext[/bold]
     then [bold]minideep train --data data/mytext[/bold] ·
@@ -144,7 +147,7 @@ def tokenize(
                       TimeRemainingColumn(), transient=True) as bar:
             task = bar.add_task("encoding", total=len(text))
             meta = tokenize_text(text, out, vocab_size, val_fraction, str(src),
-                                 progress=lambda done, total: bar.update(task, completed=done))
+                                 progress=lambda done, total: bar.update(task, completed=done), force=force)
         print(f"wrote {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens "
               f"({meta['train_bytes']:,} bytes), val {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes)")
         return
@@ -178,7 +181,7 @@ def tokenize(
             source, out, vocab_size,
             shard_tokens=shard_tokens or 100_000_000, val_tokens=val_tokens or 10_000_000,
             tokenizer_sample_bytes=tokenizer_sample_bytes or 100_000_000, max_tokens=max_tokens or 0,
-            workers=workers or max(1, (os.cpu_count() or 2) - 1), progress=show)
+            workers=workers or max(1, (os.cpu_count() or 2) - 1), progress=show, force=force)
     n_train = sum(1 for s in meta["shards"] if s["split"] == "train")
     print(f"wrote {out}: vocab {meta['vocab_size']}, {meta['documents']:,} documents, "
           f"train {meta['train_tokens']:,} tokens in {n_train} shards ({meta['train_bytes']:,} bytes), "

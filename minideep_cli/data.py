@@ -76,6 +76,33 @@ def _encode(tok, text: str, dtype: np.dtype, progress: Optional[Progress], done:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def check_out_dir(out: Path, same: Callable[[dict], bool], force: bool) -> None:
+    """out may be written: missing, empty, or a data dir whose meta.json `same` accepts (a rerun of
+    the same command); anything else (another corpus or settings, a run dir) only with force, so
+    that no data runs were trained on, and nothing else, is replaced by accident."""
+    if force or not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    meta = out / "meta.json"
+    if meta.is_file():
+        try:
+            ok = same(json.loads(meta.read_text()))
+        except (ValueError, OSError):
+            ok = False
+        if not ok:
+            raise UserError(f"{out} holds data tokenized from other text or with other settings; "
+                            "choose another --out, or --force to replace it")
+    elif any(p for p in out.iterdir() if not is_data_file(p.name)):  # an unfinished data dir is fine
+        raise UserError(f"{out} holds other files than a data dir's; choose another --out, or --force to write there")
+
+
+def is_data_file(name: str) -> bool:
+    """A name tokenize writes (temporary files included)."""
+    return name.startswith(".") or name in ("meta.json", "progress.json", "tokenizer.json", "train.bin", "val.bin") or (
+        name.endswith(".bin") and name.startswith(("train_", "val_")))
+
+
 def tokenize_text(
     text: str,
     out_dir: str | os.PathLike,
@@ -83,10 +110,15 @@ def tokenize_text(
     val_fraction: float = 0.1,
     source: str = "",
     progress: Optional[Progress] = None,
+    force: bool = False,
 ) -> dict:
     """Train a BPE on the train split, encode both splits, write the data dir; return meta."""
     if not text:
         raise UserError("the corpus is empty")
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    check_out_dir(Path(out_dir), lambda m: (m.get("source_sha256"), m.get("val_fraction"),
+                                            m.get("vocab_size_asked", m.get("vocab_size")))
+                  == (sha, val_fraction, vocab_size), force)
     train_text, val_text = split_text(text, val_fraction)
     if not val_text or not train_text:
         raise UserError("the corpus is too short to split into train and validation")
@@ -105,6 +137,7 @@ def tokenize_text(
     meta = {
         "format": FORMAT_VERSION,
         "vocab_size": tok.get_vocab_size(),
+        "vocab_size_asked": vocab_size,  # a small text may give fewer merges than asked
         "dtype": dtype.name,
         "train_tokens": int(train_ids.size),
         "val_tokens": int(val_ids.size),
@@ -112,7 +145,7 @@ def tokenize_text(
         "val_bytes": len(val_text.encode("utf-8")),
         "val_fraction": val_fraction,
         "source": source,
-        "source_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "source_sha256": sha,
     }
     write_file(out / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
@@ -409,6 +442,7 @@ def tokenize_source(
     max_tokens: int = 0,
     workers: int = 1,
     progress: Optional[ShardProgress] = None,
+    force: bool = False,
 ) -> dict:
     """Train a BPE on the first tokenizer_sample_bytes of the source, then encode every document
     into token shards: the first val_tokens tokens into val_000000.bin, the rest into train
@@ -427,6 +461,7 @@ def tokenize_source(
     settings = {"source": source.describe(), "vocab_size": vocab_size, "shard_tokens": shard_tokens,
                 "val_tokens": val_tokens, "tokenizer_sample_bytes": tokenizer_sample_bytes, "max_tokens": max_tokens}
     settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples -> lists)
+    check_out_dir(out, lambda m: m.get("settings") == settings, force)
 
     state = None
     if (out / "meta.json").is_file():

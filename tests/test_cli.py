@@ -183,6 +183,27 @@ def test_failed_train_leaves_an_existing_run_untouched(trained):
     assert not (root / "new").exists()
 
 
+def test_tokenize_never_replaces_other_data_or_files_without_force(trained, tmp_path):
+    root, _ = trained
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the same small text, again and again. " * 100)
+    b.write_text("quite another text, word after word. " * 100)
+    out = tmp_path / "data"
+    assert invoke("tokenize", a, "--vocab-size", 300, "--out", out).exit_code == 0
+    before = digest(out)
+    assert invoke("tokenize", a, "--vocab-size", 300, "--out", out).exit_code == 0  # the same command again
+    assert digest(out) == before
+    for args in ([b, "--vocab-size", 300], [a, "--vocab-size", 290], [a, "--vocab-size", 300, "--val-fraction", 0.2]):
+        assert_clean_error(invoke("tokenize", *args, "--out", out), "other text or with other settings", "--force")
+    assert digest(out) == before
+    run = digest(root / "run")
+    assert_clean_error(invoke("tokenize", b, "--vocab-size", 300, "--out", root / "run"), "other files")
+    assert_clean_error(invoke("tokenize", b, "--vocab-size", 300, "--out", a), "is a file")
+    assert digest(root / "run") == run
+    assert invoke("tokenize", b, "--vocab-size", 300, "--out", out, "--force").exit_code == 0
+    assert digest(out) != before
+
+
 def test_tokenize_failure_leaves_existing_data_untouched(trained):
     root, _ = trained
     before = digest(root / "data")

@@ -85,6 +85,18 @@ def test_text_jsonl_and_parquet_give_exactly_the_same_tokens(tmp_path, docs):
     assert a.meta["val_bytes"] == sum(pieces[i] for i in a.val.tolist())
 
 
+def test_finished_shards_are_replaced_only_with_force(tmp_path, docs):
+    src = Source(find_files(write_sources(tmp_path, docs)["jsonl"]))
+    out = tmp_path / "out"
+    first = tokenize_source(src, out, workers=1, **OPTS)
+    assert tokenize_source(src, out, workers=1, **OPTS) == first  # the same command: already done
+    other = {**OPTS, "shard_tokens": OPTS["shard_tokens"] * 2}
+    with pytest.raises(UserError, match="other settings"):
+        tokenize_source(src, out, workers=1, **other)
+    assert TokenData.open(out).meta == first
+    assert tokenize_source(src, out, workers=1, force=True, **other)["settings"]["shard_tokens"] == other["shard_tokens"]
+
+
 def test_killed_tokenize_resumes_to_identical_shards(tmp_path, docs):
     src = Source(find_files(write_sources(tmp_path, docs)["jsonl"]))
     tokenize_source(src, tmp_path / "ref", workers=1, **OPTS)
