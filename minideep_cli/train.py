@@ -223,6 +223,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     cfg.model.vocab_size = data.meta["vocab_size"]
     byte_lengths = data.byte_lengths()
     B, T, A = t.batch_size, cfg.model.block_size, t.grad_accum
+    for split, n in (("train", sum(len(s) for s in data.train_shards)), ("val", len(data.val))):
+        if n < T + 2:  # checked before anything is written into the run dir
+            raise UserError(f"the data's {split} split holds {n} tokens, fewer than model.block_size + 2 = {T + 2}; "
+                            "use more text or a smaller model.block_size")
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)

@@ -181,6 +181,10 @@ def test_failed_train_leaves_an_existing_run_untouched(trained):
     assert digest(root / "run") == before
     assert_clean_error(invoke("train", "--out", root / "new", "--data", root / "missing"), "not a tokenized data dir")
     assert not (root / "new").exists()
+    (root / "short.txt").write_text("too short for a block of 32 tokens. " * 3)
+    assert invoke("tokenize", root / "short.txt", "--vocab-size", 300, "--out", root / "short").exit_code == 0
+    assert_clean_error(invoke("train", "--out", root / "new", "--data", root / "short", *TINY), "fewer than model.block_size")
+    assert not (root / "new").exists()
 
 
 def test_tokenize_never_replaces_other_data_or_files_without_force(trained, tmp_path):
