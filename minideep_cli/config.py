@@ -330,10 +330,12 @@ def attention_dropout(m: ModelConfig) -> float:
     return m.dropout if m.attention_dropout is None else m.attention_dropout
 
 
-def _require(section: str, obj, names: tuple[str, ...], ok, what: str) -> None:
+def _require(section, obj, names: tuple[str, ...], ok, what: str) -> None:
+    """Each of obj's `names` passes ok, or a UserError naming it: section.name, or section(name)."""
     for name in names:
         if not ok(getattr(obj, name)):
-            raise UserError(f"{section}.{name} {what}, got {getattr(obj, name)}")
+            label = section(name) if callable(section) else f"{section}.{name}"
+            raise UserError(f"{label} {what}, got {getattr(obj, name)}")
 
 
 def _positive(v) -> bool:
@@ -370,13 +372,9 @@ def validate(cfg: Config) -> None:
 def validate_sample(s: SampleConfig, label=lambda name: f"sample.{name}") -> None:
     """Sampling settings in range (temperature 0 = greedy, top_k 0 = off); label(name) names a
     setting in messages (the sample command's options: --top-k, ...)."""
-    for name in ("temperature", "top_k", "max_new_tokens"):
-        if not _non_negative(getattr(s, name)):
-            raise UserError(f"{label(name)} cannot be negative or infinite, got {getattr(s, name)}")
-    if not 0 < s.top_p <= 1:
-        raise UserError(f"{label('top_p')} must be above 0 and at most 1, got {s.top_p}")
-    if s.num_samples < 1:
-        raise UserError(f"{label('num_samples')} must be at least 1, got {s.num_samples}")
+    _require(label, s, ("temperature", "top_k", "max_new_tokens"), _non_negative, "cannot be negative or infinite")
+    _require(label, s, ("top_p",), lambda v: 0 < v <= 1, "must be above 0 and at most 1")
+    _require(label, s, ("num_samples",), lambda v: v >= 1, "must be at least 1")
 
 
 def validate_model(m: ModelConfig) -> None:
