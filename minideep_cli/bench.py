@@ -224,7 +224,7 @@ def step_fn(model, cfg: Config, device: str, dtype, forward: Callable, loss_of: 
     the preset's autocast, loss_of(out).backward() while out (the logits) is still held, clipping,
     minideep's AdamW step, zero_grad."""
     from .evaluate import autocast_for
-    from .train import make_optimizer
+    from .optim import make_optimizer
 
     model.train()
     opt = make_optimizer(model, cfg, device)

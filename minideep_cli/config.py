@@ -26,6 +26,9 @@ from .errors import UserError
 ARCHES = ("gpt2", "moe")
 ATTENTIONS = ("gqa", "mla", "latent")  # model.attention (moe arch); gpt2 is always multi-head
 SECTIONS = ("model", "data", "train", "sample")
+ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer
+SCHEDULES = ("cosine", "wsd")  # train.schedule
 
 
 @dataclass
@@ -74,6 +77,11 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
+    # moe transformer: block options of the 2026 recipe (docs/design.md, "The recipe")
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (gqa; Qwen3, OLMo 2)
+    activation: str = "swiglu"  # swiglu | relu2 (relu(x)^2, no gate), for experts and dense feed-forwards
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
+    zero_init_out: bool = False  # output projections (attention wo, feed-forward w2) start at zero
 
 
 @dataclass
@@ -93,8 +101,13 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 2000  # 0 = no step limit (then max_minutes must be set)
     max_minutes: float = 0.0  # time budget; 0 = none. The LR schedule follows it.
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    lr: float = 1e-3  # AdamW's learning rate
+    muon_lr: float = 0.02  # Muon's, for an update scaled like AdamW's (torch's adjust_lr_fn match_rms_adamw)
+    muon_momentum: float = 0.95
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over the last `cooldown`)
+    cooldown: float = 0.3  # wsd: fraction of the run spent decaying
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup: float = 0.02  # fraction of the run spent warming up
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -354,7 +367,16 @@ def validate(cfg: Config) -> None:
              _positive, "must be positive")
     _require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens"), _non_negative,
              "cannot be negative or infinite")
-    _require("train", t, ("warmup", "beta1", "beta2"), lambda v: 0 <= v < 1, "must be at least 0 and below 1")
+    _require("train", t, ("muon_lr",), _positive, "must be positive")
+    _require("train", t, ("warmup", "beta1", "beta2", "muon_momentum"), lambda v: 0 <= v < 1,
+             "must be at least 0 and below 1")
+    _require("train", t, ("cooldown",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    if t.optimizer not in OPTIMIZERS:
+        raise UserError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
+    if t.schedule not in SCHEDULES:
+        raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{t.schedule}'")
+    if t.schedule == "wsd" and t.warmup + t.cooldown > 1:
+        raise UserError(f"train.warmup + train.cooldown must be at most 1 for wsd, got {t.warmup + t.cooldown:g}")
     _require("train", t, ("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
     if t.max_steps <= 0 and t.max_minutes <= 0:
         raise UserError("set train.max_steps or train.max_minutes (both are 0)")
@@ -412,6 +434,11 @@ def validate_model(m: ModelConfig) -> None:
             raise UserError("model.q_lora_rank and model.qk_nope_head_dim cannot be negative")
     if m.attention == "latent" and m.n_latents <= 0:
         raise UserError("model.n_latents must be positive for latent attention")
+    if m.activation not in ACTIVATIONS:
+        raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{m.activation}'")
+    if m.qk_norm and m.attention != "gqa":
+        raise UserError(f"model.qk_norm applies to gqa attention (mla normalises its latents), not {m.attention}")
+    _require("model", m, ("logit_softcap",), _non_negative, "cannot be negative or infinite")
     if m.router not in ("softmax", "sigmoid"):
         raise UserError(f"model.router must be softmax or sigmoid, got '{m.router}'")
     if m.router_noise not in ("none", "jitter", "noisy_topk"):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .optim import param_names
 
 MODES = ("ddp", "fsdp")
 
@@ -106,13 +107,6 @@ def unwrap(wrapped):
     return getattr(wrapped, "module", wrapped)
 
 
-def param_names(model) -> list[str]:
-    """Trainable parameter names in the optimizer's order (see train.make_optimizer): the
-    decayed ones (ndim >= 2), then the others. Maps torch's index-keyed optimizer state to names."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
-
-
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -134,7 +128,7 @@ def full_state(wrapped, optimizer, d: Dist) -> tuple[Optional[dict], Optional[di
     osd = get_optimizer_state_dict(model, optimizer, options=_options())
     if not d.main:
         return None, None
-    index = {n: i for i, n in enumerate(param_names(model))}
+    index = {n: i for i, n in enumerate(param_names(optimizer))}
     osd = {"state": {index[n]: s for n, s in osd["state"].items()},
            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
     return msd, osd
@@ -148,7 +142,7 @@ def load_optimizer(wrapped, optimizer, state: dict, d: Dist) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     model = unwrap(wrapped)
-    names = param_names(model)
+    names = param_names(optimizer)
     named = {"state": {names[i]: s for i, s in state["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))

@@ -248,8 +248,13 @@ def hf_target(model) -> str:
         elif biased:
             problems.append("a nonzero router selection bias (bias_update_rate) with a softmax router")
         everywhere = all(b.is_moe for b in model.blocks)
-        target = ("MixtralForCausalLM" if everywhere and cfg.n_shared_experts == 0 and renormalised
-                  else "Qwen2MoeForCausalLM")
+        if cfg.qk_norm:  # Qwen3-MoE normalises each head's queries and keys, as model.qk_norm does
+            target = "Qwen3MoeForCausalLM"
+            if cfg.n_shared_experts:
+                problems.append("shared experts with model.qk_norm (Qwen3-MoE has none)")
+        else:
+            target = ("MixtralForCausalLM" if everywhere and cfg.n_shared_experts == 0 and renormalised
+                      else "Qwen2MoeForCausalLM")
     elif cfg.attention == "mla":
         if [b.is_moe for b in model.blocks] != [i >= cfg.first_k_dense for i in range(cfg.n_layer)]:
             problems.append(f"dense blocks between sparse ones (model.moe_every={cfg.moe_every}) with mla attention "
@@ -267,6 +272,10 @@ def hf_target(model) -> str:
                                 "(DeepSeek-V2 never renormalises; DeepSeek-V3 routes with a sigmoid)")
     else:
         problems.append(f"{cfg.attention} attention")
+    if cfg.activation != "swiglu":
+        problems.append(f"the {cfg.activation} activation (model.activation)")
+    if cfg.logit_softcap:
+        problems.append(f"soft-capped logits (model.logit_softcap={cfg.logit_softcap:g})")
     if cfg.eval_capacity_factor is not None:
         problems.append(f"capacity dropping at inference (model.eval_capacity_factor={cfg.eval_capacity_factor:g}, "
                         f"drop_policy {cfg.drop_policy})")
@@ -281,6 +290,7 @@ def hf_weights(model, eot_id: Optional[int] = None) -> tuple[str, dict, dict]:
     target = hf_target(model)
     state = model.state_dict()
     conv = {"GPT2LMHeadModel": _gpt2, "MixtralForCausalLM": _mixtral, "Qwen2MoeForCausalLM": _qwen2_moe,
+            "Qwen3MoeForCausalLM": _qwen3_moe,
             "DeepseekV2ForCausalLM": _deepseek, "DeepseekV3ForCausalLM": _deepseek}[target]
     used: set[str] = set()
 
@@ -503,6 +513,40 @@ def _qwen2_moe(model, take) -> tuple[dict, dict]:
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": cfg.n_layer,
+    }
+    return config, t
+
+
+def _qwen3_moe(model, take) -> tuple[dict, dict]:
+    """Qwen3-MoE: Qwen2-MoE's layout without biases or a shared expert, plus q_norm and k_norm
+    over each head (ours: attn.q_norm, attn.k_norm, applied before RoPE as Qwen3 does)."""
+    cfg, t = model.cfg, {}
+    _embeddings(model, take, t)
+    dense_layers = []
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}"
+        _attention_and_norms(model, take, t, p, i)
+        t[f"{p}.self_attn.q_norm.weight"] = take(f"blocks.{i}.attn.q_norm.weight")
+        t[f"{p}.self_attn.k_norm.weight"] = take(f"blocks.{i}.attn.k_norm.weight")
+        if not b.is_moe:
+            dense_layers.append(i)
+            _swiglu(take, f"blocks.{i}.ffn", f"{p}.mlp", t)
+            continue
+        t[f"{p}.mlp.gate.weight"] = take(f"blocks.{i}.ffn.router.weight")
+        _experts(take, f"blocks.{i}.ffn.experts", f"{p}.mlp.experts", t, ("gate_proj", "up_proj", "down_proj"))
+    config = {
+        "model_type": "qwen3_moe",
+        **_llama_like_config(model),
+        "intermediate_size": _dense_hidden(model),  # width of the dense blocks (mlp_only_layers)
+        "moe_intermediate_size": _expert_hidden(model),
+        "num_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "norm_topk_prob": bool(cfg.norm_topk and cfg.top_k >= 2),  # ours keeps a single gate raw
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense_layers,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
     }
     return config, t
 

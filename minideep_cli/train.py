@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine (over steps or a time budget), accumulation,
+"""The training loop: AdamW or Muon (optim.py), warmup + cosine or WSD (over steps or a time budget), accumulation,
 clipping, BF16 autocast on CUDA, periodic validation, TensorBoard, atomic checkpoints, exact
 resume. Reports progress through a callback; never prints.
 
@@ -28,6 +28,7 @@ from .errors import UserError
 from .evaluate import autocast_for, evaluate_tokens, nll_and_bytes
 from .generate import generate
 from .models import build_model
+from .optim import lr_at, make_optimizer, run_progress, set_lr
 
 Event = Callable[[str, dict], Optional[bool]]  # (kind, info) -> True to stop after this step
 EVAL_SEED = 4242  # periodic validation always reads the same batches
@@ -101,39 +102,6 @@ def open_data(cfg: Config, progress=None) -> TokenData:
     if cfg.data.dir:
         return TokenData.open(cfg.data.dir)
     return TokenData.open(bundled_data_dir(cfg.data.vocab_size, cfg.data.val_fraction, progress))
-
-
-def lr_at(progress: float, cfg) -> float:
-    """Linear warmup over the first `warmup` fraction of the run, then cosine to lr * min_lr_ratio."""
-    t = cfg.train
-    if progress < t.warmup:
-        return t.lr * (progress + 1e-3) / (t.warmup + 1e-3)
-    frac = min(1.0, (progress - t.warmup) / max(1e-9, 1.0 - t.warmup))
-    min_lr = t.lr * t.min_lr_ratio
-    return min_lr + 0.5 * (t.lr - min_lr) * (1.0 + math.cos(math.pi * frac))
-
-
-def run_progress(step: int, elapsed: float, cfg) -> float:
-    """Fraction of the run done: by steps, by time, or whichever budget is nearer its end."""
-    t = cfg.train
-    p = 0.0
-    if t.max_steps > 0:
-        p = max(p, step / t.max_steps)
-    if t.max_minutes > 0:
-        p = max(p, elapsed / (60.0 * t.max_minutes))
-    return p
-
-
-def make_optimizer(model, cfg, device: str) -> torch.optim.AdamW:
-    """Weight decay on matrices and embeddings (ndim >= 2), none on norms and biases."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    t = cfg.train
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), fused=device.startswith("cuda"),
-    )
 
 
 class _StopFlag:
@@ -325,9 +293,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     loss_count = 0
     with _StopFlag() as stop:
         while run_progress(step, elapsed, cfg) < 1.0:
-            lr = lr_at(run_progress(step, elapsed, cfg), cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            multiplier = lr_at(run_progress(step, elapsed, cfg), cfg)
+            set_lr(optimizer, multiplier, cfg)
+            lr = t.lr * multiplier  # AdamW's, as logged; Muon's follows the same schedule
             loads = None
             aux_sum = torch.zeros((), device=device)
             for micro in range(A):

@@ -58,3 +58,16 @@ def tiny_train_cfg(data_dir, arch="moe", **train) -> Config:
     for k, v in t.items():
         setattr(cfg.train, k, v)
     return cfg
+
+
+def unigram_nats(data_dir) -> float:
+    """Nats per token of the best context-free model of the training split: a model that learned
+    anything from context beats it."""
+    import numpy as np
+
+    from minideep_cli.data import TokenData
+
+    d = TokenData.open(data_dir)
+    counts = np.bincount(np.asarray(d.train), minlength=d.meta["vocab_size"]).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

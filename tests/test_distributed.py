@@ -56,8 +56,9 @@ def tb_losses(run_dir) -> dict:
     return {e.step: e.value for e in ea.Scalars("train/loss")}
 
 
-def single(root, run, grad_accum=2, stop_at=None):
-    cfg = resolve_config(config_file=str(root / "cfg.yaml"), overrides=[f"train.grad_accum={grad_accum}"])
+def single(root, run, grad_accum=2, stop_at=None, optimizer="adamw"):
+    cfg = resolve_config(config_file=str(root / "cfg.yaml"),
+                         overrides=[f"train.grad_accum={grad_accum}", f"train.optimizer={optimizer}"])
     losses = {}
 
     def on_event(kind, info):
@@ -74,14 +75,17 @@ def assert_close_state(a: dict, b: dict, tol=1e-5):
         assert torch.allclose(a[k].float(), b[k].float(), rtol=tol, atol=tol), k
 
 
-def test_ddp_and_fsdp_match_one_process_and_checkpoints_cross_over(setup):
-    root = setup
-    ref = single(root, "single")  # one process, grad_accum 2: the reference
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_and_fsdp_match_one_process_and_checkpoints_cross_over(setup, optimizer):
+    root = setup / optimizer
+    root.mkdir()
+    shutil.copy(setup / "cfg.yaml", root / "cfg.yaml")
+    ref = single(root, "single", optimizer=optimizer)  # one process, grad_accum 2: the reference
     assert len(ref) == 6
     ref_ckpt = load_checkpoint(root / "single" / "last.pt")
 
     # one process writes a checkpoint at step 3; two DDP ranks (grad_accum 1) continue it
-    single(root, "half", stop_at=3)
+    single(root, "half", stop_at=3, optimizer=optimizer)
     shutil.copytree(root / "half", root / "ddp")
     r = torchrun(root, "--resume", "--out", root / "ddp", "-o", "train.grad_accum=1")
     assert r.stdout.count("val bits per byte") == 1  # only rank 0 reports
@@ -92,14 +96,17 @@ def test_ddp_and_fsdp_match_one_process_and_checkpoints_cross_over(setup):
     assert_close_state(ddp_ckpt["model"], ref_ckpt["model"])  # router biases included
 
     # FSDP2 from scratch, two ranks: the same losses; its checkpoint is a plain full one
-    torchrun(root, "--config", root / "cfg.yaml", "--out", root / "fsdp", "-o", "train.distributed=fsdp")
+    torchrun(root, "--config", root / "cfg.yaml", "--out", root / "fsdp", "-o", "train.distributed=fsdp",
+             "-o", f"train.optimizer={optimizer}")
     fsdp = tb_losses(root / "fsdp")
     assert [fsdp[s] for s in range(1, 7)] == pytest.approx([ref[s] for s in range(1, 7)], rel=2e-5)
     fsdp_ckpt = load_checkpoint(root / "fsdp" / "last.pt")  # weights_only=True
-    assert_close_state(fsdp_ckpt["model"], ref_ckpt["model"])
+    # Muon orthogonalises in bf16, and FSDP's sharded matrices round differently from whole ones
+    tol = 1e-5 if optimizer == "adamw" else 2e-4
+    assert_close_state(fsdp_ckpt["model"], ref_ckpt["model"], tol)
     assert fsdp_ckpt["optimizer"]["param_groups"] == ref_ckpt["optimizer"]["param_groups"]
     for i, s in ref_ckpt["optimizer"]["state"].items():
-        assert_close_state(fsdp_ckpt["optimizer"]["state"][i], s, tol=1e-4)
+        assert_close_state(fsdp_ckpt["optimizer"]["state"][i], s, tol=max(tol, 1e-4))
     model, _ = model_from_checkpoint(fsdp_ckpt)  # loads in one process
     assert model.num_params() > 0
 

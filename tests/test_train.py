@@ -4,11 +4,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_cfg
+from conftest import tiny_train_cfg, unigram_nats
 
 from minideep_cli.checkpoint import load_checkpoint
 from minideep_cli.data import TokenData
-from minideep_cli.train import lr_at, train
+from minideep_cli.optim import lr_at
+from minideep_cli.train import train
 
 
 def collect(losses):
@@ -57,10 +58,7 @@ def test_tiny_moe_learns_below_unigram_entropy(tmp_path, small_data):
     cfg = tiny_train_cfg(small_data, "moe", max_steps=150, lr=1e-2, eval_interval=150)
     cfg.model.n_embd, cfg.model.block_size = 64, 64
     result = train(cfg, tmp_path / "run")
-    d = TokenData.open(small_data)
-    counts = np.bincount(np.asarray(d.train), minlength=d.meta["vocab_size"]).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    unigram = float(-(p * np.log(p)).sum())  # nats/token of the best context-free model
+    unigram = unigram_nats(small_data)
     assert result.val["loss"] < unigram - 0.4, (result.val, unigram)
     assert result.best_val_loss < unigram - 0.4
 

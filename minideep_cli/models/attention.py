@@ -187,7 +187,7 @@ class Attention(nn.Module):
 
 
 class GQAttention(Attention):
-    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, dropout: float = 0.0, qk_norm: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = self.rope_dim = n_embd // n_head
@@ -195,6 +195,9 @@ class GQAttention(Attention):
         self.wkv = nn.Linear(n_embd, 2 * n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
         self.dropout = dropout
+        if qk_norm:  # each head's query and key scaled to RMS 1 (times a learned gain) before RoPE
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        self.qk_norm = qk_norm
 
     def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype, device)
@@ -210,6 +213,8 @@ class GQAttention(Attention):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.wkv(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # k, v: (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hs)
@@ -431,7 +436,7 @@ class LatentAttention(Attention):
 def build_attention(cfg) -> Attention:
     """The attention module a moe-arch block uses, from ModelConfig.attention."""
     if cfg.attention == "gqa":
-        return GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, attention_dropout(cfg))
+        return GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, attention_dropout(cfg), cfg.qk_norm)
     if cfg.attention == "mla":
         return MLAttention(cfg.n_embd, cfg.n_head, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                            cfg.qk_rope_head_dim, cfg.v_head_dim, attention_dropout(cfg))

@@ -1,4 +1,5 @@
-"""Small pure pieces shared by the models: RMSNorm, rotary embeddings, SwiGLU, dropout."""
+"""Small pure pieces shared by the models: RMSNorm, rotary embeddings, feed-forwards (SwiGLU,
+ReLU²), logit soft-capping, dropout."""
 
 from __future__ import annotations
 
@@ -73,3 +74,26 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ReLU2(nn.Module):
+    """Dense squared-ReLU feed-forward: w2(relu(w1 x)^2). Two matrices where SwiGLU has three, so
+    at the same hidden width it costs two thirds of SwiGLU's FLOPs."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.relu(self.w1(x)).square())
+
+
+def feed_forward(activation: str, dim: int, hidden: int) -> nn.Module:
+    """A dense feed-forward of model.activation: swiglu | relu2."""
+    return {"swiglu": SwiGLU, "relu2": ReLU2}[activation](dim, hidden)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): smooth, bounded in (-cap, cap), nearly the identity for |logits| << cap."""
+    return logits if cap <= 0 else cap * torch.tanh(logits / cap)

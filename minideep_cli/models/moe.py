@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import SwiGLU
+from .layers import feed_forward
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -84,8 +84,8 @@ class Router(nn.Module):
         return expert_ids, gates, probs, logits
 
 
-def grouped_swiglu(x, w1, w3, w2, counts):
-    """E SwiGLU experts on expert-sorted rows with two grouped matmuls. x (M, d), counts (E,) -> (M, d)."""
+def grouped_swiglu(x, counts, w1, w3, w2):
+    """E SwiGLU experts on expert-sorted rows with grouped matmuls. x (M, d), counts (E,) -> (M, d)."""
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
     # two products, not one on cat([w1, w3]): the cat would copy every expert's weights on each
     # call, which dominates decoding a token at a time (~30% of it on the cpu preset)
@@ -93,18 +93,32 @@ def grouped_swiglu(x, w1, w3, w2, counts):
     return F.grouped_mm(F.silu(g) * u, w2, offs=offs)
 
 
-eager_grouped_swiglu = torch.compiler.disable(grouped_swiglu)
+def grouped_relu2(x, counts, w1, w2):
+    """E ReLU² experts on expert-sorted rows with grouped matmuls. x (M, d), counts (E,) -> (M, d)."""
+    offs = counts.cumsum(0).to(torch.int32)
+    return F.grouped_mm(F.relu(F.grouped_mm(x, w1, offs=offs)).square(), w2, offs=offs)  # (M, h) -> (M, d)
+
+
+GROUPED = {"swiglu": grouped_swiglu, "relu2": grouped_relu2}
+EAGER_GROUPED = {name: torch.compiler.disable(fn) for name, fn in GROUPED.items()}
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights: w1, w3 (E, d, h), w2 (E, h, d)."""
+    """E experts as stacked weights, used as x @ w[e]: w1 (E, d, h), w2 (E, h, d), and for
+    SwiGLU the gate's w3 (E, d, h)."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    def __init__(self, n_experts: int, dim: int, hidden: int, activation: str = "swiglu"):
         super().__init__()
+        self.activation = activation
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
-        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        if activation == "swiglu":
+            self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.grouped = True  # False: always the loop over experts (`minideep bench` times both)
+
+    def weights(self) -> list[torch.Tensor]:
+        """The stacked matrices in the order the grouped function takes them."""
+        return [self.w1, self.w3, self.w2] if self.activation == "swiglu" else [self.w1, self.w2]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
@@ -116,8 +130,8 @@ class Experts(nn.Module):
         if self.grouped and not few_rows and grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
             # torch.compile traces grouped_mm for bf16 only (its shape rule rejects fp32): other
             # dtypes run it eagerly, a graph break around the experts
-            run = grouped_swiglu if dtype == torch.bfloat16 else eager_grouped_swiglu
-            return run(x.to(dtype), self.w1.to(dtype), self.w3.to(dtype), self.w2.to(dtype), counts)
+            run = (GROUPED if dtype == torch.bfloat16 else EAGER_GROUPED)[self.activation]
+            return run(x.to(dtype), counts, *(w.to(dtype) for w in self.weights()))
         out, start = [], 0  # otherwise: a loop over the experts that received rows (never over tokens)
         for e, n in enumerate(counts.tolist()):
             if n:
@@ -127,6 +141,8 @@ class Experts(nn.Module):
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x (n, d) -> (n, d)."""
+        if self.activation == "relu2":
+            return F.relu(x @ self.w1[e]).square() @ self.w2[e]
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
 
@@ -135,8 +151,9 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = Experts(cfg.n_experts, cfg.n_embd, expert_hidden)
-        self.shared = SwiGLU(cfg.n_embd, cfg.n_shared_experts * expert_hidden) if cfg.n_shared_experts else None
+        self.experts = Experts(cfg.n_experts, cfg.n_embd, expert_hidden, cfg.activation)
+        shared = cfg.n_shared_experts * expert_hidden
+        self.shared = feed_forward(cfg.activation, cfg.n_embd, shared) if shared else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x (B, T, d) -> y (B, T, d), routing stats (tensors; no host sync on CUDA)."""

@@ -1,5 +1,6 @@
 """The MoE transformer: pre-RMSNorm blocks of attention (gqa | mla | latent, attention.py) and a
-feed-forward that is a sparse MoE or a dense SwiGLU, RoPE positions, tied or untied embeddings."""
+feed-forward that is a sparse MoE or a dense one (SwiGLU or ReLU²), RoPE positions, tied or
+untied embeddings, optionally soft-capped logits."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from .attention import Cache, build_attention, slot_decay_init
-from .layers import RMSNorm, SwiGLU, dropout, rope_tables
+from .layers import RMSNorm, dropout, feed_forward, rope_tables, softcap
 from .moe import MoE
 from .output import Output, lm_loss
 
 
 def dense_hidden(cfg: ModelConfig) -> int:
-    return cfg.ffn_hidden or 16 * math.ceil(8 * cfg.n_embd / 3 / 16)
+    """model.ffn_hidden, or the width that gives a dense feed-forward 8 * n_embd^2 weights: 8/3 of
+    n_embd for SwiGLU's three matrices (rounded up to 16), 4 * n_embd for ReLU²'s two."""
+    if cfg.ffn_hidden:
+        return cfg.ffn_hidden
+    return 4 * cfg.n_embd if cfg.activation == "relu2" else 16 * math.ceil(8 * cfg.n_embd / 3 / 16)
 
 
 def expert_hidden(cfg: ModelConfig) -> int:
@@ -35,7 +40,7 @@ class Block(nn.Module):
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.n_embd)
         self.is_moe = is_moe_layer(cfg, layer)
-        self.ffn = MoE(cfg, expert_hidden(cfg)) if self.is_moe else SwiGLU(cfg.n_embd, dense_hidden(cfg))
+        self.ffn = MoE(cfg, expert_hidden(cfg)) if self.is_moe else feed_forward(cfg.activation, cfg.n_embd, dense_hidden(cfg))
         self.dropout = cfg.dropout  # on the residual branches (attention weights: in the attention)
 
     def forward(self, x, cos, sin, cache=None, pos: int = 0):
@@ -69,7 +74,9 @@ class MoETransformer(nn.Module):
         """N(0, 0.02) for every matrix, the router and latent attention's slot latents; output
         projections (attention wo, SwiGLU and expert w2) scaled by 1/sqrt(2 * n_layer); norms 1
         (mla's q_norm and kv_norm too); latent attention's recency rates log-spaced
-        (slot_decay_init); the router's selection bias 0."""
+        (slot_decay_init); the router's selection bias 0. With model.zero_init_out the output
+        projections start at 0 instead: every block begins as the identity, and the first steps'
+        gradients reach the embeddings through the residual stream alone."""
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -80,7 +87,7 @@ class MoETransformer(nn.Module):
             elif name.endswith("noise_weight"):
                 nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
-                nn.init.normal_(p, 0.0, out_std)
+                nn.init.normal_(p, 0.0, out_std) if not self.cfg.zero_init_out else nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, 0.0, 0.02)
         for name, b in self.named_buffers():
@@ -122,7 +129,7 @@ class MoETransformer(nn.Module):
                 moe_layers.append(i)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        logits = softcap(self.lm_head(self.norm(x)), self.cfg.logit_softcap)  # (B, T, vocab)
         loss = lm_loss(logits, targets) if targets is not None else None
         aux = {"routing": routing, "moe_layers": moe_layers}
         if routing:
