@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 from minideep_cli.config import Config, resolve_config
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout these tests belong to
 CPU_MODE = os.environ.get("MINIDEEP_GPU_CHECK_CPU") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
@@ -74,16 +76,24 @@ def rig() -> Rig:
 @pytest.fixture(scope="session")
 def preset_data(tmp_path_factory, corpus_text):
     """Tokenized training data: the whole bundled corpus at the rtx3060 preset's vocabulary on
-    CUDA (long enough for its 1,024-token context); 120k characters, vocabulary 300 on the CPU."""
+    CUDA (long enough for its 1,024-token context); 120k characters, vocabulary 300 and a small
+    validation split (train() ends by evaluating all of it) on the CPU."""
     from minideep_cli.data import bundled_corpus, tokenize_text
 
     out = tmp_path_factory.mktemp("gpu-data") / "tokens"
     if CPU_MODE:
-        tokenize_text(corpus_text, out, vocab_size=300, source="gpu-check")
+        tokenize_text(corpus_text, out, vocab_size=300, val_fraction=0.02, source="gpu-check")
     else:
         vocab = resolve_config("rtx3060").data.vocab_size
         tokenize_text(bundled_corpus().read_text(), out, vocab_size=vocab, source="gpu-check")
     return out
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for `python -m minideep_cli` in a child process: this checkout's package
+    first, whatever the working directory (the tests run in a temporary one)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def losses_of(events: list) -> list[float]:

@@ -16,7 +16,7 @@ VARIANTS = [("gpt2", None), ("moe", "gqa"), ("moe", "mla"), ("moe", "latent")]
 def test_cached_tokens_equal_full_forward(rig, record_property, arch, attention):
     cfg = rig.config("rtx3060", arch, attention)
     m = cfg.model
-    m.dropout, m.block_size = 0.0, min(m.block_size, 32 if rig.cpu_mode else 256)
+    m.dropout, m.block_size = 0.0, min(m.block_size, 16 if rig.cpu_mode else 256)
     m.vocab_size = 300 if rig.cpu_mode else cfg.data.vocab_size
     torch.manual_seed(0)
     model = build_model(m).to(rig.device).eval()
