@@ -528,7 +528,8 @@ def traced_activations(cfg: Config, dtype, batch: int, device: str = "cpu") -> d
 def estimate_memory(cfg: Config, device_memory: Optional[int] = None) -> dict:
     """Peak training memory of one micro-batch step, predicted without allocating anything.
 
-    weights, grads: fp32 (autocast keeps fp32 master weights); AdamW: two fp32 states a weight.
+    weights, grads: fp32 (autocast keeps fp32 master weights); optimizer state (the JSON's
+    adamw_bytes): two fp32 numbers a weight under AdamW, one (the momentum) under Muon.
     activations: what autograd saves, traced on fake tensors at the preset's precision; with
     gradient checkpointing, each block keeps only its input and one block is recomputed at a time.
     The peak is the larger of (a) the start of backward: weights + AdamW + activations + the logits
@@ -545,7 +546,9 @@ def estimate_memory(cfg: Config, device_memory: Optional[int] = None) -> dict:
         model = build_model(m)
     n = model.num_params()
     weights = 4 * n
-    adam = 2 * weights
+    from .optim import param_groups
+
+    adam = sum((4 if g["kind"] != "adamw" else 8) * p.numel() for g in param_groups(model, cfg) for _, p in g["params"])
     acts = traced_activations(cfg, dtype, t.batch_size, device)
     ckpt_acts = acts["outside"] + sum(acts["inputs"]) + max(acts["per_block"])
     tokens = t.batch_size * m.block_size

@@ -223,3 +223,17 @@ def test_muon_trains_a_tiny_model_below_the_unigram_entropy(tmp_path, small_data
         setattr(cfg.model, k, v)
     result = train(cfg, tmp_path / "run")
     assert result.stopped == "done" and result.val["loss"] < unigram_nats(small_data) - 0.3, result.val
+
+
+def test_memory_estimate_counts_one_momentum_for_muon_and_two_states_for_adamw():
+    from minideep_cli.bench import estimate_memory
+
+    cfg = Config()
+    cfg.model = tiny_model_cfg("moe")
+    model = build_model(cfg.model)
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    linear = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    total = model.num_params()
+    assert estimate_memory(cfg)["adamw_bytes"] == 8 * total
+    cfg.train.optimizer = "muon"
+    assert estimate_memory(cfg)["adamw_bytes"] == 4 * (expert + linear) + 8 * (total - expert - linear)
