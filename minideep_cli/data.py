@@ -464,9 +464,9 @@ def plan_split(doc_tokens: list[int], read: Optional[float], ended: bool, val_to
     if ended:
         total = held
     elif read and read >= VAL_SHARE:
-        total = int(held / read)
+        total = round(held / read)
     elif held >= VAL_CAP / VAL_SHARE or (read and held >= VAL_CAP):
-        total = max(held, int(held / read) if read else 0)
+        total = max(held, round(held / read) if read else 0)
     else:
         return None
     if max_tokens:
