@@ -9,7 +9,8 @@ incomplete and never used) says which:
 - shards (many documents: text files, JSONL, parquet, a Hugging Face dataset): tokenizer.json,
   val_000000.bin, then train_000000.bin, train_000001.bin, ... of shard_tokens tokens each (the
   last one shorter). Every document is preceded by <|endoftext|>. Validation = the first
-  val_tokens tokens of the stream. Training reads the train shards sequentially as one stream,
+  val_tokens tokens of the stream (by default its first whole documents, about 10%: plan_split).
+  Training reads the train shards sequentially as one stream,
   the sampler state is a position (shard, offset, epoch).
 """
 
@@ -453,12 +454,15 @@ def plan_split(doc_tokens: list[int], read: Optional[float], ended: bool, val_to
     document that would make it more than twice that is cut, as one text file is), and a train
     shard is the training split / FEW_SHARDS, at most SHARD_CAP. The total is known at the end,
     estimated from `read` once that reaches VAL_SHARE, or at least VAL_CAP / VAL_SHARE tokens
-    (the caps apply whatever follows) - so for a source of known size at most about its
-    validation split waits in memory.
+    (the caps apply whatever follows). So before the first shard is written, a source of known
+    size holds about its validation split in memory, a stream of unknown length up to
+    VAL_CAP / VAL_SHARE tokens.
     """
     if val_tokens and shard_tokens:
         return val_tokens, shard_tokens
     held = sum(doc_tokens)
+    if not held and not ended:  # nothing to estimate from yet (empty documents only)
+        return None
     if max_tokens and held >= max_tokens:
         held, ended = max_tokens, True
     if ended:
