@@ -255,6 +255,7 @@ def test_plan_split_scales_with_the_corpus():
     # a source of known size decides once 10% of it is read (the total estimated from that);
     # a stream of unknown length only at its end, or once the caps apply whatever follows
     assert plan_split([n] * 2, 0.05, False) is None
+    assert plan_split([0] * 9, 0.5, False) is None  # empty documents only: nothing to estimate from
     assert plan_split([n] * 4, 0.1, False) == (4 * n, 9 * n)
     assert plan_split([n] * 40, None, False) is None
     assert plan_split([10**6] * 99, None, False) is None
