@@ -201,7 +201,8 @@ def split_summary(out: Path, meta: dict) -> str:
             f"  validation: {val_docs:,} documents, {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes), "
             f"{meta['val_tokens'] / total:.1%} ({how})\n"
             f"  train: {meta['documents'] - val_docs:,} documents, {meta['train_tokens']:,} tokens "
-            f"({meta['train_bytes']:,} bytes) in {n_train} shards of up to {meta['shard_tokens']:,} ({shard_how})")
+            f"({meta['train_bytes']:,} bytes) in {n_train} shards of up to "
+            f"{meta.get('shard_tokens', settings['shard_tokens']):,} ({shard_how})")
 
 
 # ---------------------------------------------------------------- train
