@@ -103,8 +103,10 @@ def tokenize(
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (256 bytes + merges + <|endoftext|>).")] = 2048,
     out: Annotated[Path, typer.Option(help="Output data dir.")] = Path("data/tokens"),
     val_fraction: Annotated[float, typer.Option(help="One text file: the last fraction kept for validation.")] = 0.1,
-    shard_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens per train shard; default: 100M.")] = None,
-    val_tokens: Annotated[Optional[int], typer.Option(help="Sharded: tokens of the validation shard; default: 10M.")] = None,
+    shard_tokens: Annotated[Optional[int], typer.Option(
+        help="Sharded: tokens per train shard; default: a quarter of the training split, at most 100M.")] = None,
+    val_tokens: Annotated[Optional[int], typer.Option(
+        help="Sharded: tokens of the validation shard; default: the first whole documents, about 10%, at most 10M.")] = None,
     tokenizer_sample_bytes: Annotated[Optional[int], typer.Option(
         help="Sharded: train the tokenizer on the first this many bytes of text; default: 100M.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Sharded: stop after this many tokens in all.")] = None,
@@ -115,9 +117,9 @@ def tokenize(
     """Train a byte-level BPE and encode a corpus into train/val token files.
 
     One text file gives train.bin/val.bin (validation = the last 10%). Many documents (several
-    files, folders, JSONL, parquet, --dataset) give token shards, validation first, each
-    document after an <|endoftext|>; rerunning an interrupted command resumes at the last
-    complete shard. An --out holding other data (which runs may have trained on) is refused
+    files, folders, JSONL, parquet, --dataset) give token shards, validation first (by default
+    the first whole documents, about 10% of the tokens), each document after an
+    <|endoftext|>; rerunning an interrupted command resumes at the last complete shard. An --out holding other data (which runs may have trained on) is refused
     without --force.
 
     Example: [bold]minideep tokenize input.txt --vocab-size 4096 --out data/mytext[/bold]
@@ -179,13 +181,28 @@ def tokenize(
         task = bar.add_task("tokenize", total=1000, info="reading")
         meta = tokenize_source(
             source, out, vocab_size,
-            shard_tokens=shard_tokens or 100_000_000, val_tokens=val_tokens or 10_000_000,
+            shard_tokens=shard_tokens, val_tokens=val_tokens,
             tokenizer_sample_bytes=tokenizer_sample_bytes or 100_000_000, max_tokens=max_tokens or 0,
             workers=workers or max(1, (os.cpu_count() or 2) - 1), progress=show, force=force)
+    print(split_summary(out, meta))
+
+
+def split_summary(out: Path, meta: dict) -> str:
+    """What a sharded tokenize wrote, and how its split and shard size were chosen."""
+    settings, total = meta["settings"], meta["train_tokens"] + meta["val_tokens"]
     n_train = sum(1 for s in meta["shards"] if s["split"] == "train")
-    print(f"wrote {out}: vocab {meta['vocab_size']}, {meta['documents']:,} documents, "
-          f"train {meta['train_tokens']:,} tokens in {n_train} shards ({meta['train_bytes']:,} bytes), "
-          f"val {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes)")
+    val_docs = meta.get("val_documents", 0)
+    how = ("--val-tokens" if settings["val_tokens"] else
+           "the default: the first whole documents, about 10% of the tokens, at most 10,000,000")
+    if meta.get("val_cut"):
+        how += "; its last document is cut and goes on in train"
+    shard_how = "--shard-tokens" if settings["shard_tokens"] else "the default: a quarter of train, at most 100,000,000"
+    return (f"wrote {out}: vocab {meta['vocab_size']}, {meta['documents']:,} documents, {total:,} tokens\n"
+            f"  validation: {val_docs:,} documents, {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes), "
+            f"{meta['val_tokens'] / total:.1%} ({how})\n"
+            f"  train: {meta['documents'] - val_docs:,} documents, {meta['train_tokens']:,} tokens "
+            f"({meta['train_bytes']:,} bytes) in {n_train} shards of up to "
+            f"{meta.get('shard_tokens', settings['shard_tokens']):,} ({shard_how})")
 
 
 # ---------------------------------------------------------------- train

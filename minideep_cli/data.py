@@ -9,7 +9,8 @@ incomplete and never used) says which:
 - shards (many documents: text files, JSONL, parquet, a Hugging Face dataset): tokenizer.json,
   val_000000.bin, then train_000000.bin, train_000001.bin, ... of shard_tokens tokens each (the
   last one shorter). Every document is preceded by <|endoftext|>. Validation = the first
-  val_tokens tokens of the stream. Training reads the train shards sequentially as one stream,
+  val_tokens tokens of the stream (by default its first whole documents, about 10%: plan_split).
+  Training reads the train shards sequentially as one stream,
   the sampler state is a position (shard, offset, epoch).
 """
 
@@ -375,21 +376,24 @@ def _encode_in_worker(texts: list[str], eot: int, dtype_name: str) -> list[np.nd
 
 
 def sample_for_tokenizer(source: Source, max_bytes: int) -> list[str]:
-    """The first max_bytes of UTF-8 text of the source (the last document cut to fit)."""
-    docs, used = [], 0
+    """The first max_bytes of UTF-8 text of the source (the last document cut to fit). A source
+    with no text, or one that ends before MIN_TEXT_BYTES, is refused before any work."""
+    docs, used, cut = [], 0, False
     for text, _ in source.records():
         if not text:
             continue
         b = text.encode("utf-8")
-        if used + len(b) > max_bytes:
+        if used + len(b) >= max_bytes:
             docs.append(b[: max_bytes - used].decode("utf-8", errors="ignore"))
+            cut = True
             break
         docs.append(text)
         used += len(b)
-        if used >= max_bytes:
-            break
     if not docs or not any(docs):
         raise UserError(f"{source.label()} holds no text")
+    if not cut and used < MIN_TEXT_BYTES:
+        raise UserError(f"{source.label()} holds {used:,} bytes of text, too little to split into training "
+                        f"and validation (at least {MIN_TEXT_BYTES:,})")
     return docs
 
 
@@ -432,12 +436,123 @@ def _remove_data_files(out: Path) -> None:
             f.unlink()
 
 
+VAL_SHARE = 0.1  # default validation: about this share of the corpus's tokens...
+VAL_CAP = 10_000_000  # ...but at most this many (FineWeb's)
+SHARD_CAP = 100_000_000  # default train shard size: at most this many tokens...
+FEW_SHARDS = 4  # ...and small enough that the training split makes about this many shards
+MIN_TEXT_BYTES = 1_000  # less text than this is too little to split into training and validation
+
+
+def plan_split(doc_tokens: list[int], read: Optional[float], ended: bool, val_tokens: Optional[int] = None,
+               shard_tokens: Optional[int] = None, max_tokens: int = 0) -> Optional[tuple[int, int]]:
+    """(validation tokens, train shard tokens) for a stream whose first documents have
+    doc_tokens tokens each, or None while that cannot be decided yet (read more documents).
+
+    read: the share of the source those documents make up (None: a stream of unknown length);
+    ended: there are no more documents. Given sizes win. Otherwise validation takes the first
+    whole documents until it holds about VAL_SHARE of the total tokens, at most VAL_CAP (a
+    document that would make it more than twice that is cut, as one text file is), and a train
+    shard is the training split / FEW_SHARDS, at most SHARD_CAP. The total is known at the end,
+    estimated from `read` once that reaches VAL_SHARE, or at least VAL_CAP / VAL_SHARE tokens
+    (the caps apply whatever follows). So before the first shard is written, a source of known
+    size holds about its validation split in memory, a stream of unknown length up to
+    VAL_CAP / VAL_SHARE tokens.
+    """
+    if val_tokens and shard_tokens:
+        return val_tokens, shard_tokens
+    held = sum(doc_tokens)
+    if not held and not ended:  # nothing to estimate from yet (empty documents only)
+        return None
+    if max_tokens and held >= max_tokens:
+        held, ended = max_tokens, True
+    if ended:
+        total = held
+    elif read and read >= VAL_SHARE:
+        total = round(held / read)
+    elif held >= VAL_CAP / VAL_SHARE or (read and held >= VAL_CAP):
+        total = max(held, round(held / read) if read else 0)
+    else:
+        return None
+    if max_tokens:
+        total = min(total, max_tokens)
+    if not val_tokens:
+        target = max(1, min(VAL_CAP, int(total * VAL_SHARE)))
+        val_tokens = 0
+        for n in doc_tokens:
+            if val_tokens >= target:
+                break
+            val_tokens += n
+        if val_tokens > 2 * target:
+            val_tokens = target
+    if not shard_tokens:
+        shard_tokens = min(SHARD_CAP, max(1, -(-(total - val_tokens) // FEW_SHARDS)))
+    return val_tokens, shard_tokens
+
+
+class _ShardWriter:
+    """Cuts the token stream into val_000000.bin (plan[0] tokens), then train shards of plan[1]
+    (stopping after max_tokens in all, if set), each written whole and recorded in `state`
+    (progress.json) with the record and token to resume from."""
+
+    def __init__(self, out: Path, state: dict, plan: tuple[int, int], max_tokens: int, dtype: np.dtype,
+                 blen: np.ndarray, report: ShardProgress):
+        self.out, self.state, self.plan, self.max_tokens, self.blen, self.report = out, state, plan, max_tokens, blen, report
+        self.shards = list(state["shards"])
+        self.documents, self.val_documents = state["documents"], state.get("val_documents", 0)
+        self.total = sum(s["tokens"] for s in self.shards)
+        self.buf = np.zeros(max(plan), dtype=dtype)
+        self.fill = self.bytes_this_run = 0
+
+    def target(self, k: int) -> tuple[str, str, int]:
+        """Split, file name and size of the k-th shard of the stream."""
+        val, shard = self.plan
+        if k == 0:
+            return "val", "val_000000.bin", val
+        size = shard if not self.max_tokens else min(shard, self.max_tokens - val - (k - 1) * shard)
+        return "train", f"train_{k - 1:06d}.bin", size
+
+    @property
+    def done(self) -> bool:
+        return bool(self.max_tokens) and self.total >= self.max_tokens
+
+    def add(self, ids: np.ndarray, record: int, base: int = 0) -> None:
+        """Record `record`'s tokens from `base` on (a resumed run skips those already written)."""
+        if self.done:
+            return
+        ids = ids[base:]
+        if len(ids) and base == 0:
+            self.documents += 1
+            self.val_documents += not self.shards
+        pos = 0
+        while pos < len(ids) and not self.done:
+            size = self.target(len(self.shards))[2]
+            take = min(size - self.fill, len(ids) - pos)
+            self.buf[self.fill : self.fill + take] = ids[pos : pos + take]
+            self.bytes_this_run += int(self.blen[ids[pos : pos + take]].sum())
+            self.fill, pos, self.total = self.fill + take, pos + take, self.total + take
+            if self.fill == size:  # resume point: the next record, or this one past `pos`
+                self.write(record + 1, 0) if pos == len(ids) else self.write(record, base + pos)
+
+    def write(self, resume_records: int, resume_offset: int) -> None:
+        split, name, _ = self.target(len(self.shards))
+        arr = self.buf[: self.fill]
+        write_file(self.out / name, arr.tobytes())
+        self.shards.append({"split": split, "file": name, "tokens": int(self.fill), "bytes": int(self.blen[arr].sum())})
+        if split == "val":
+            self.state["val_cut"] = resume_offset > 0  # the last validation document goes on in train
+        self.state.update(shards=self.shards, records=resume_records, skip_tokens=resume_offset,
+                          documents=self.documents, val_documents=self.val_documents, plan=list(self.plan))
+        write_file(self.out / "progress.json", json.dumps(self.state).encode())
+        self.fill = 0
+        self.report({"phase": "shard", "split": split, "file": name, "shards": len(self.shards)})
+
+
 def tokenize_source(
     source: Source,
     out_dir: str | os.PathLike,
     vocab_size: int = 2048,
-    shard_tokens: int = 100_000_000,
-    val_tokens: int = 10_000_000,
+    shard_tokens: Optional[int] = None,
+    val_tokens: Optional[int] = None,
     tokenizer_sample_bytes: int = 100_000_000,
     max_tokens: int = 0,
     workers: int = 1,
@@ -446,13 +561,14 @@ def tokenize_source(
 ) -> dict:
     """Train a BPE on the first tokenizer_sample_bytes of the source, then encode every document
     into token shards: the first val_tokens tokens into val_000000.bin, the rest into train
-    shards of shard_tokens (stopping after max_tokens tokens in all, if set). Each shard is
-    written to a temporary name and renamed; progress.json records the shards done and where
-    the stream stands, so calling this again with the same arguments resumes at the last
-    complete shard and gives exactly the files an uninterrupted run gives. Returns meta."""
-    if shard_tokens <= 0 or val_tokens <= 0:
+    shards of shard_tokens (stopping after max_tokens tokens in all, if set); sizes not given
+    scale with the corpus (plan_split). Each shard is written to a temporary name and renamed;
+    progress.json records the shards done and where the stream stands, so calling this again
+    with the same arguments resumes at the last complete shard and gives exactly the files an
+    uninterrupted run gives. Returns meta."""
+    if (shard_tokens is not None and shard_tokens <= 0) or (val_tokens is not None and val_tokens <= 0):
         raise UserError("--shard-tokens and --val-tokens must be positive")
-    if max_tokens and max_tokens <= val_tokens:
+    if max_tokens and val_tokens and max_tokens <= val_tokens:
         raise UserError(f"--max-tokens ({max_tokens:,}) must be larger than --val-tokens ({val_tokens:,})")
     if tokenizer_sample_bytes <= 0:
         raise UserError("--tokenizer-sample-bytes must be positive")
@@ -475,8 +591,9 @@ def tokenize_source(
                             "rerun that command to finish it, or choose another --out")
 
     if state is None:
+        sample = sample_for_tokenizer(source, tokenizer_sample_bytes)
         report({"phase": "tokenizer", "bytes": tokenizer_sample_bytes})
-        tok = train_tokenizer(sample_for_tokenizer(source, tokenizer_sample_bytes), vocab_size)
+        tok = train_tokenizer(sample, vocab_size)
         tok_json = tok.to_str()
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
@@ -493,75 +610,62 @@ def tokenize_source(
     eot = tok.token_to_id(EOT)
     dtype = dtype_for(tok.get_vocab_size())
     blen = np.asarray(token_byte_lengths(tok), dtype=np.int64)
-    shards = list(state["shards"])
-    tokens_before = sum(s["tokens"] for s in shards)
 
-    def target(k: int) -> tuple[str, str, int]:
-        """Split, file name and size of the k-th shard of the stream."""
-        if k == 0:
-            return "val", "val_000000.bin", val_tokens
-        size = shard_tokens if not max_tokens else min(shard_tokens, max_tokens - val_tokens - (k - 1) * shard_tokens)
-        return "train", f"train_{k - 1:06d}.bin", size
+    def writer_for(plan: tuple[int, int], held: list) -> _ShardWriter:
+        w = _ShardWriter(out, state, plan, max_tokens, dtype, blen, report)
+        for record, ids in enumerate(held):  # documents read before the plan was decided
+            w.add(ids, record)
+        return w
 
-    buf = np.zeros(max(val_tokens, shard_tokens), dtype=dtype)
-    fill = 0
-    records, documents = state["records"], state["documents"]
-    skip_tokens = state["skip_tokens"]
-    total = tokens_before
-    start, tokens_this_run, bytes_this_run = time.perf_counter(), 0, 0
-    finished_by_limit = bool(max_tokens) and total >= max_tokens
-
-    def write_shard(n: int, resume_records: int, resume_offset: int) -> None:
-        split, name, _ = target(len(shards))
-        arr = buf[:n]
-        write_file(out / name, arr.tobytes())
-        shards.append({"split": split, "file": name, "tokens": int(n), "bytes": int(blen[arr].sum())})
-        state.update(shards=shards, records=resume_records, skip_tokens=resume_offset, documents=documents)
-        write_file(out / "progress.json", json.dumps(state).encode())
-        report({"phase": "shard", "split": split, "file": name, "shards": len(shards)})
-
-    if not finished_by_limit:
-        for arrays, frac in _encoded(source, records, tok, tok_json, eot, dtype, workers):
-            for ids in arrays:
-                base, skip_tokens = skip_tokens, 0  # a resumed run drops what it already wrote
-                ids = ids[base:]
-                documents += bool(len(ids)) and base == 0
-                pos = 0
-                while pos < len(ids):
-                    size = target(len(shards))[2]
-                    take = min(size - fill, len(ids) - pos)
-                    buf[fill : fill + take] = ids[pos : pos + take]
-                    bytes_this_run += int(blen[ids[pos : pos + take]].sum())
-                    fill, pos, total, tokens_this_run = fill + take, pos + take, total + take, tokens_this_run + take
-                    if fill == size:  # resume point: the next record, or this one past `pos`
-                        if pos == len(ids):
-                            write_shard(fill, records + 1, 0)
-                        else:
-                            write_shard(fill, records, base + pos)
-                        fill = 0
-                        if max_tokens and total >= max_tokens:
-                            finished_by_limit = True
-                            break
-                records += 1
-                if finished_by_limit:
-                    break
-            elapsed = time.perf_counter() - start
-            fractions = [f for f in (frac, total / max_tokens if max_tokens else None) if f is not None]
-            report({"phase": "encode", "documents": documents, "tokens": total, "bytes": bytes_this_run,
-                    "tokens_this_run": tokens_this_run, "elapsed": elapsed,
-                    "fraction": max(fractions) if fractions else None})
-            if finished_by_limit:
+    plan = plan_split([], None, False, val_tokens, shard_tokens) or (state.get("plan") if state["shards"] else None)
+    writer = writer_for(tuple(plan), []) if plan else None
+    held: list = []  # documents waiting for the plan (none was written yet: records start at 0)
+    held_sizes, held_docs, held_bytes = [], 0, 0
+    records, skip_tokens = state["records"], state["skip_tokens"]
+    start = time.perf_counter()
+    tokens_before = writer.total if writer else 0
+    for arrays, frac in ([] if writer and writer.done else _encoded(source, records, tok, tok_json, eot, dtype, workers)):
+        for ids in arrays:
+            base, skip_tokens = skip_tokens, 0
+            if writer:
+                writer.add(ids, records, base)
+            else:
+                held.append(ids)
+                held_sizes.append(len(ids))
+                held_docs, held_bytes = held_docs + bool(len(ids)), held_bytes + int(blen[ids].sum())
+            records += 1
+            if writer and writer.done:
                 break
-    if fill:
-        write_shard(fill, records, 0)
+        if writer is None:
+            plan = plan_split(held_sizes, frac, False, val_tokens, shard_tokens, max_tokens)
+            writer, held = (writer_for(plan, held), []) if plan else (None, held)
+        total = writer.total if writer else sum(held_sizes)
+        fractions = [f for f in (frac, total / max_tokens if max_tokens else None) if f is not None]
+        report({"phase": "encode", "documents": writer.documents if writer else held_docs, "tokens": total,
+                "bytes": writer.bytes_this_run if writer else held_bytes, "tokens_this_run": total - tokens_before,
+                "elapsed": time.perf_counter() - start, "fraction": max(fractions) if fractions else None})
+        if writer and writer.done:
+            break
+    if writer is None:
+        writer = writer_for(plan_split(held_sizes, None, True, val_tokens, shard_tokens, max_tokens), held)
+    if writer.fill:
+        writer.write(records, 0)
+    return _finish(out, source, settings, writer, tok, dtype)
+
+
+def _finish(out: Path, source: Source, settings: dict, writer: _ShardWriter, tok, dtype: np.dtype) -> dict:
+    """Check both splits are there, write meta.json (last) and drop progress.json; return meta."""
+    shards = writer.shards
     val = [s for s in shards if s["split"] == "val"]
     train = [s for s in shards if s["split"] == "train"]
-    if not val or val[0]["tokens"] < val_tokens or not train:
+    if not val or val[0]["tokens"] < writer.plan[0] or not train:
         have = sum(s["tokens"] for s in shards)
         (out / "progress.json").unlink(missing_ok=True)
         _remove_data_files(out)
-        raise UserError(f"{source.label()} gives {have:,} tokens, too few for --val-tokens {val_tokens:,} "
-                        "plus a training split; lower --val-tokens")
+        if settings["val_tokens"]:
+            raise UserError(f"{source.label()} gives {have:,} tokens, too few for --val-tokens "
+                            f"{settings['val_tokens']:,} plus a training split; lower --val-tokens")
+        raise UserError(f"{source.label()} gives {have:,} tokens, too few to split into training and validation")
     meta = {
         "format": FORMAT_VERSION,
         "layout": "shards",
@@ -571,7 +675,10 @@ def tokenize_source(
         "val_tokens": val[0]["tokens"],
         "train_bytes": sum(s["bytes"] for s in train),
         "val_bytes": val[0]["bytes"],
-        "documents": documents,
+        "documents": writer.documents,
+        "val_documents": writer.val_documents,  # documents that start in validation
+        "val_cut": writer.state.get("val_cut", False),  # the last of them goes on in train
+        "shard_tokens": writer.plan[1],
         "shards": shards,
         "source": source.label(),
         "settings": settings,

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from minideep_cli.checkpoint import load_checkpoint
 from minideep_cli.cli import app
-from minideep_cli.data import ShardReader, Source, TokenData, find_files, tokenize_source
+from minideep_cli import data as data_mod
+from minideep_cli.data import ShardReader, Source, TokenData, find_files, plan_split, tokenize_source
 from minideep_cli.errors import UserError
 from minideep_cli.tokenizer import EOT
 from minideep_cli.train import train
@@ -240,3 +241,142 @@ def test_training_on_shards_resumes_with_exactly_the_batches_it_would_have_read(
     assert len(seen) == len(straight) == 16
     assert all(torch.equal(a, b) for a, b in zip(straight, seen))
     assert losses_a == losses_b
+
+
+def test_plan_split_scales_with_the_corpus():
+    n = 50
+    # the whole corpus read: 10% of its tokens in whole documents, the rest in four shards
+    assert plan_split([n] * 40, None, True) == (4 * n, 9 * n)
+    assert plan_split([n] * 40, 1.0, False) == (4 * n, 9 * n)
+    # whole documents until 10% (101 of 1,010) is reached, the one crossing it included
+    assert plan_split([30, 30, 50] + [100] * 9, None, True) == (110, 225)
+    # a document longer than twice the split (three books) is cut at 10%, as one text file is
+    assert plan_split([5000, 5000, 5000], None, True) == (1500, 3375)
+    # a source of known size decides once 10% of it is read (the total estimated from that);
+    # a stream of unknown length only at its end, or once the caps apply whatever follows
+    assert plan_split([n] * 2, 0.05, False) is None
+    assert plan_split([0] * 9, 0.5, False) is None  # empty documents only: nothing to estimate from
+    assert plan_split([n] * 4, 0.1, False) == (4 * n, 9 * n)
+    assert plan_split([n] * 40, None, False) is None
+    assert plan_split([10**6] * 99, None, False) is None
+    assert plan_split([10**6] * 100, None, False) == (10**7, 22_500_000)
+    assert plan_split([10**6] * 10, 0.01, False) == (10**7, 10**8)  # a billion tokens: both caps
+    # given sizes win; --max-tokens is the total
+    assert plan_split([], None, False, val_tokens=2500, shard_tokens=4000) == (2500, 4000)
+    assert plan_split([n] * 40, None, True, val_tokens=7) == (7, 499)
+    assert plan_split([n] * 40, None, True, shard_tokens=123) == (4 * n, 123)
+    assert plan_split([n] * 40, None, False, max_tokens=1000) == (2 * n, 225)
+
+
+SMALL = dict(vocab_size=300, tokenizer_sample_bytes=30000)
+
+
+def test_default_split_is_the_first_tenth_in_whole_documents_for_every_source(tmp_path, corpus_text):
+    doc = corpus_text[:700]
+    paths = write_sources(tmp_path, [doc] * 40)
+    metas = {k: tokenize_source(Source(find_files(v), text_column="body" if k == "parquet" else "text"),
+                                tmp_path / "out" / k, **SMALL) for k, v in paths.items()}
+    metas["stream"] = tokenize_source(Source(dataset=str(tmp_path / "ds")), tmp_path / "out" / "stream", **SMALL)
+    d = TokenData.open(tmp_path / "out" / "txt")
+    n = 1 + len(d.tokenizer().encode(doc).ids)  # <|endoftext|> + the document
+    for k, meta in metas.items():
+        assert (meta["val_tokens"], meta["val_documents"], meta["documents"]) == (4 * n, 4, 40), k
+        assert [s["tokens"] for s in meta["shards"]] == [4 * n] + [9 * n] * 4, k
+        assert not meta["val_cut"] and meta["shard_tokens"] == 9 * n
+    eot = d.tokenizer().token_to_id(EOT)
+    assert d.val[0] == eot and d.train_shards[0][0] == eot  # both splits start at a document
+
+
+def test_a_source_of_known_size_is_split_after_reading_a_tenth_not_all(tmp_path, corpus_text, monkeypatch):
+    doc = corpus_text[:500]
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for _ in range(100)))
+    monkeypatch.setattr(data_mod, "BATCH_CHARS", 7 * len(doc))  # 7 documents a batch
+    events: list = []
+    meta = tokenize_source(Source(find_files([root])), tmp_path / "out", progress=events.append, **SMALL)
+    n = 1 + len(TokenData.open(tmp_path / "out").tokenizer().encode(doc).ids)
+    # decided after 14 documents (the first batch past 10% of the file): 100 estimated, 10 for validation
+    assert (meta["val_tokens"], meta["val_documents"], meta["shard_tokens"]) == (10 * n, 10, -(-90 * n // 4))
+    assert meta["train_tokens"] == 90 * n
+    first_shard = next(i for i, e in enumerate(events) if e["phase"] == "shard")
+    assert [e["documents"] for e in events[:first_shard] if e["phase"] == "encode"] == [7]
+    after = next(e for e in events[first_shard:] if e["phase"] == "encode")  # the validation shard was
+    assert after["documents"] == 14 and after["fraction"] == pytest.approx(0.14)  # written with 14 of 100 read
+
+
+def test_a_killed_tokenize_with_default_sizes_resumes_to_identical_files(tmp_path, docs, monkeypatch):
+    monkeypatch.setattr(data_mod, "BATCH_CHARS", 5000)  # the split is decided after a few batches
+    src = Source(find_files(write_sources(tmp_path, docs)["jsonl"]))
+    ref = tokenize_source(src, tmp_path / "ref", **SMALL)
+    assert len(ref["shards"]) in (5, 6) and ref["val_documents"] < ref["documents"]  # 4 estimated
+    assert 0.1 <= ref["val_tokens"] / (ref["val_tokens"] + ref["train_tokens"]) < 0.15
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(phase, count):
+        seen = []
+
+        def hook(info):
+            seen.append(info["phase"])
+            if seen.count(phase) == count:
+                raise Killed
+        return hook
+    for phase, count in (("encode", 1), ("shard", 3)):  # before the split is decided, then after
+        out = tmp_path / f"out-{phase}"
+        with pytest.raises(Killed):
+            tokenize_source(src, out, progress=kill_at(phase, count), **SMALL)
+        assert not (out / "meta.json").exists()
+        assert len(json.loads((out / "progress.json").read_text())["shards"]) == (0 if phase == "encode" else 3)
+        tokenize_source(src, out, workers=2, **SMALL)
+        assert digest(out) == digest(tmp_path / "ref"), phase
+
+
+def test_small_corpora_tokenize_and_train_with_no_flags(tmp_path, monkeypatch):
+    import os
+
+    from minideep_cli.data import bundled_corpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one encoding process: no pool to start
+    text = bundled_corpus().read_text()[:200_000]
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    pq.write_table(pa.table({"text": paras}), tmp_path / "docs.parquet")
+    (tmp_path / "jsonl").mkdir()
+    for k in range(3):
+        with open(tmp_path / "jsonl" / f"part-{k}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": p}) + "\n" for p in paras[k::3])
+    books = [tmp_path / f"book{k}.txt" for k in range(3)]
+    for k, b in enumerate(books):
+        b.write_text(text[k * 60_000 : (k + 1) * 60_000], encoding="utf-8")
+    runner = CliRunner()
+    tiny = ["-o", "model.n_layer=1", "-o", "model.n_embd=32", "-o", "model.block_size=32", "-o", "model.n_experts=4",
+            "-o", "train.batch_size=4", "-o", "train.max_steps=20", "-o", "train.max_minutes=0",
+            "-o", "train.eval_interval=20", "-o", "train.eval_iters=1", "-o", "train.sample_tokens=0"]
+    for name, inputs in (("parquet", [tmp_path / "docs.parquet"]), ("jsonl", [tmp_path / "jsonl"]), ("txt", books)):
+        out = tmp_path / "data" / name
+        r = runner.invoke(app, ["tokenize", *map(str, inputs), "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        meta = TokenData.open(out).meta
+        docs = len(paras) if name != "txt" else 3
+        assert meta["documents"] == docs and meta["vocab_size"] == 2048
+        assert f"validation: {meta['val_documents']:,} documents, {meta['val_tokens']:,} tokens" in r.stdout
+        total = meta["val_tokens"] + meta["train_tokens"]
+        assert total // 10 <= meta["val_tokens"] < (0.11 * total if name != "txt" else total // 10 + 1), name
+        assert meta["val_cut"] == (name == "txt")  # three books: the first one is cut at 10%
+        assert len(meta["shards"]) == 5
+        r = runner.invoke(app, ["train", "--data", str(out), "--out", str(tmp_path / f"run-{name}"), *tiny])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / f"run-{name}" / "last.pt").is_file()
+
+
+def test_a_corpus_too_small_to_split_gets_one_line_before_any_work(tmp_path):
+    files = [tmp_path / f"{k}.txt" for k in range(3)]
+    for f in files:
+        f.write_text("a hundred bytes or so of text, " * 3)
+    r = CliRunner().invoke(app, ["tokenize", *map(str, files), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines() == [
+        f"error: {files[0]} and 2 more holds 279 bytes of text, too little to split into training and validation "
+        "(at least 1,000)"]
+    assert not (tmp_path / "d").exists()
