@@ -652,7 +652,7 @@ def bench(
     import torch
 
     from .bench import DEFAULT_SECTIONS, BenchOptions, bench_config, json_safe, parse_bytes, run_bench
-    from .config import resolve_config
+    from .config import moe_only_keys, resolve_config
     from .views.bench import render_bench
 
     overrides = list(override or [])
@@ -675,6 +675,11 @@ def bench(
     sections = tuple(section or (("memory",) if estimate_memory else DEFAULT_SECTIONS))
     if compare_hf and "peers" not in sections:
         sections += ("peers",)
+    if "peers" in sections:  # checked before the other sections run, not after
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise UserError("--compare-hf needs Hugging Face transformers: pip install transformers")
     if variants and "train" not in sections:
         sections = ("train",) + sections
     opts = BenchOptions.for_run(quick, sections, device_memory=parse_bytes(device_memory) if device_memory else None,
@@ -682,7 +687,8 @@ def bench(
     peer_cfgs = None
     if "peers" in sections:  # both arches of the preset: GPT2LMHeadModel and MixtralForCausalLM
         peer_cfgs = {a: bench_config(resolve_config(name, str(config) if config else None, overrides if a == cfg.model.arch
-                                                    else [o for o in overrides if not o.startswith("model.attention")], a))
+                                                    else [o for o in overrides if o.partition("=")[0].strip()
+                                                          not in [f"model.{k}" for k in moe_only_keys()]], a))
                      for a in ("gpt2", "moe")}
     console = _console()
     result = run_bench(cfg, opts, name, peer_cfgs, on_event=lambda text: console.print(f"[dim]{text}[/dim]"),

@@ -19,6 +19,12 @@ def writable(path: str | os.PathLike) -> Path:
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder")
+    probe = temp_name(path)  # the file a write creates first (permissions, read-only disks)
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
     return path
 
 
