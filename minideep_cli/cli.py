@@ -267,6 +267,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run dir; default: runs/<time>-<arch>.")] = None,
     override: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (default: the newest run) exactly.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run in a non-empty --out (its files may be "
+                                        "replaced).")] = False,
 ):
     """Train a model; prints validation bits per byte and a sample at the end.
 
@@ -310,17 +312,18 @@ def train(
     console = _console()
     view = TrainView(console)
     try:
-        result = run_train(cfg, run_dir, resume=resume, on_event=view)
+        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force)
     finally:
         view.close()
+    interrupted = 128 + (result.signal or 2)  # as a shell reports a process a signal ended: 130 SIGINT, 143 SIGTERM
     if not result.main:  # torchrun: rank 0 reports for every rank
-        if result.stopped == "diverged":
-            raise typer.Exit(1)
+        if result.stopped != "done":
+            raise typer.Exit(1 if result.stopped == "diverged" else interrupted)
         return
     if result.stopped == "interrupted":
         console.print(f"stopped at step {result.step}; saved {result.run_dir / 'last.pt'} "
                       f"(continue with: minideep train --resume --out {result.run_dir})")
-        return
+        raise typer.Exit(interrupted)
     if result.stopped == "diverged":
         raise typer.Exit(1)
     v = result.val
@@ -367,7 +370,7 @@ def eval_cmd(
     path = resolve_checkpoint(str(ckpt))
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev)
+    model, cfg = model_from_checkpoint(state, dev, path)
     tok = load_tokenizer(state["tokenizer"])
     if text:
         body = read_text_file(text)
@@ -435,7 +438,7 @@ def sample(
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev)
+    model, cfg = model_from_checkpoint(state, dev, path)
     tok = load_tokenizer(state["tokenizer"])
     pieces = token_bytes(tok)
     prompt_ids = tok.encode(prompt).ids
@@ -546,7 +549,7 @@ def inspect_routing(
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev)
+    model, cfg = model_from_checkpoint(state, dev, path)
     moe_blocks = [i for i in range(cfg.model.n_layer) if cfg.model.arch == "moe" and is_moe_layer(cfg.model, i)]
     if not moe_blocks:
         raise UserError(f"{path} is a dense {cfg.model.arch} model with no experts: there is no routing to inspect "

@@ -41,6 +41,25 @@ def temp_dir(path: Path, suffix: str = ".tmp") -> Path:
     return tmp
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files (named by temp_name) in folder whose writing process is gone:
+    what a kill -9 during a write leaves behind."""
+    for p in folder.glob(".*.tmp"):
+        parts = p.name.split(".")  # "", name..., pid, hex, "tmp"
+        if len(parts) >= 5 and parts[-3].isdigit() and not _alive(int(parts[-3])) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError):  # no such process
+        return False
+    return True
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file in path's folder; on success flush, fsync and rename it over `path`,
