@@ -15,6 +15,7 @@ import errno
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -172,7 +173,8 @@ def check_weights(m, weights: dict, where: str) -> None:
     layers = {int(x.group(1)) for k in weights if (x := re.match(r"(?:transformer\.h|blocks)\.(\d+)\.", k))}
     if len(layers) != m.n_layer:
         raise UserError(f"{where}'s weights hold {len(layers)} layers, model.n_layer is {m.n_layer}")
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
         expected = {k: tuple(v.shape) for k, v in build_model(m).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
     for k in sorted(expected.keys() | got.keys()):
