@@ -279,7 +279,7 @@ def train(
     [bold]torchrun --nproc_per_node=4 -m minideep_cli train --data data/fineweb -o train.distributed=fsdp[/bold]
     """
     from .checkpoint import load_checkpoint, newest_run
-    from .config import Config, parse_override, resolve_config, set_value, validate
+    from .config import Config, moe_only_keys, parse_override, resolve_config, set_value, validate
     from .train import train as run_train
 
     overrides = list(override or [])
@@ -297,6 +297,8 @@ def train(
             raise UserError(f"--resume: no last.pt in {run_dir}")
         for o in overrides:
             k, v = parse_override(o)
+            if cfg.model.arch == "gpt2" and k in [f"model.{m}" for m in moe_only_keys()]:
+                raise UserError(f"{k} is a moe-arch setting (gpt2 does not use it); this run is gpt2")
             set_value(cfg, k, v, "overrides")
         if data:
             cfg.data.dir = str(data)

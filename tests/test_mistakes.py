@@ -310,3 +310,15 @@ def test_reports_into_an_unwritable_place_fail_before_the_work(trained, monkeypa
     for opt in ("--json", "--html"):
         assert_clean_error(invoke("inspect-routing", trained[0] / "run", opt, ro / "r.out"), "r.out",
                            "Permission denied")
+
+
+def test_resume_of_a_gpt2_run_refuses_a_moe_only_override(trained, tmp_path):
+    from minideep_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained[0] / "run" / "last.pt")
+    state["config"]["model"]["arch"] = "gpt2"  # only the config is read before the refusal
+    save_checkpoint({k: v for k, v in state.items() if k not in ("kind", "format")}, tmp_path / "g" / "last.pt")
+    before = digest(tmp_path / "g")
+    r = invoke("train", "--resume", "--out", tmp_path / "g", "-o", "model.n_kv_head=2")
+    assert_clean_error(r, "model.n_kv_head", "moe-arch setting")
+    assert digest(tmp_path / "g") == before
