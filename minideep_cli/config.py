@@ -395,8 +395,8 @@ def validate_numbers(cfg: Config) -> None:
     nan passes every comparison, so a nan budget or capacity would otherwise never stop a run."""
     for section in SECTIONS:
         obj = getattr(cfg, section)
-        for name, typ in _field_types(obj).items():
-            v = getattr(obj, name)
+        for f in dataclasses.fields(obj):
+            name, v = f.name, getattr(obj, f.name)
             if isinstance(v, float) and not -FLOAT_MAX <= v <= FLOAT_MAX:
                 raise UserError(f"{section}.{name} must be a finite number (at most {FLOAT_MAX:g}), got {v}")
             if isinstance(v, int) and not isinstance(v, bool) and not -INT_MAX <= v <= INT_MAX:

@@ -25,8 +25,8 @@ from .data import TokenData, bundled_data_dir, get_batch, make_sampler
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
 from .errors import UserError
-from .files import remove_stale_temps
 from .evaluate import autocast_for, evaluate_tokens, nll_and_bytes
+from .files import remove_stale_temps
 from .generate import generate
 from .models import build_model
 
@@ -418,7 +418,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
                 break
     writer.flush()
 
-    result = TrainResult(run_dir, step, tokens_seen, elapsed, stopped, stop.signum, best_val_loss=best_val, main=d.main)
+    result = TrainResult(run_dir, step, tokens_seen, elapsed, stopped, signal=stop.signum, best_val_loss=best_val,
+                         main=d.main)
     if stopped != "done":
         writer.close()
         return result
