@@ -323,9 +323,9 @@ def resolve_config(
     for k, v in pairs:
         set_value(cfg, k, v, "overrides")
     cfg.model.arch = chosen
+    validate(cfg)
     if chosen == "gpt2":
         check_gpt2_keys(cfg.model)
-    validate(cfg)
     return cfg
 
 
