@@ -11,8 +11,11 @@ the same dict, with no optimizer state.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -31,9 +34,28 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        torch.save({"kind": KIND, "format": FORMAT, **state}, f)
+    kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+    try:
+        with atomic_file(path) as f:
+            torch.save({"kind": KIND, "format": FORMAT, **state}, f)
+    except (OSError, RuntimeError, KeyboardInterrupt) as e:
+        cause = e.__context__ if isinstance(e, RuntimeError) and e.__context__ else e  # torch wraps the writer's error
+        if isinstance(cause, KeyboardInterrupt):
+            raise UserError(f"saving {path} was interrupted; {kept}")
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            raise UserError(f"cannot save {path}: no space left on {_mount_point(path)}; {kept}")
+        if isinstance(cause, OSError):
+            raise UserError(f"cannot save {path}: {cause.strerror or cause}; {kept}")
+        raise
     return path
+
+
+def _mount_point(path: Path) -> Path:
+    """The file system (mount point) holding path: the disk that is full."""
+    p = path.parent.resolve()
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -45,21 +67,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
         if is_export_dir(p):  # a `minideep export --format safetensors` folder: JSON + safetensors
             return complete(load_export(p), p)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
+    if not p.is_file():
+        raise UserError(f"{p} is not a checkpoint file")
     with open(p, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save's zip container; never the legacy pickle format
             raise UserError(f"{p} is not a minideep checkpoint")
     try:  # the zip stores a CRC-32 of every part, which torch.load does not check: a flipped bit loads
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise UserError(f"{p} is not a readable minideep checkpoint (damaged or another format): {e}")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: "encrypted", NotImplementedError: "zip file version", ValueError: a name's bad UTF-8
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{p} is damaged: its zip headers cannot be read ({first})")
     if bad is not None:
         raise UserError(f"{p} is damaged: its part {bad} does not match its checksum")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{p} holds Python objects{what} that only running code could load: refused "
+                        "(a minideep checkpoint holds tensors, numbers and strings only)")
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{p} is not a readable minideep checkpoint (damaged or another format): {first}")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
@@ -114,8 +145,9 @@ def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
     return p
 
 
-def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
-    """Rebuild the model a checkpoint describes and load its weights; returns (model, config)."""
+def model_from_checkpoint(ckpt: dict, device: str = "cpu", path: Optional[os.PathLike] = None):
+    """Rebuild the model a checkpoint describes and load its weights; returns (model, config).
+    path names the checkpoint in messages."""
     from .config import Config, validate_model
     from .models import build_model
 
@@ -123,11 +155,33 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
     try:
         validate_model(cfg.model)  # only what the model needs: training settings play no part here
     except UserError as e:
-        raise UserError(f"the checkpoint's config is invalid: {e}")
+        raise UserError(f"{path or 'the checkpoint'}: its config is invalid: {e}")
+    check_weights(cfg.model, ckpt["model"], str(path or "the checkpoint"))  # (before building it)
     model = build_model(cfg.model)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:200]  # the missing/unexpected keys
-        raise UserError(f"checkpoint weights do not match its config ({cfg.model.arch}): {detail}")
+    model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
+
+
+def check_weights(m, weights: dict, where: str) -> None:
+    """The weights have the names and shapes of the model config m gives, checked before that
+    model is built: the layer count first, then every shape on the meta device (which allocates
+    nothing), so a config claiming a huge model cannot exhaust memory."""
+    import torch
+
+    from .models import build_model
+
+    layers = {int(x.group(1)) for k in weights if (x := re.match(r"(?:transformer\.h|blocks)\.(\d+)\.", k))}
+    if len(layers) != m.n_layer:
+        raise UserError(f"{where}'s weights hold {len(layers)} layers, model.n_layer is {m.n_layer}")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+        expected = {k: tuple(v.shape) for k, v in build_model(m).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    for k in sorted(expected.keys() | got.keys()):
+        if k not in got:
+            raise UserError(f"{where}'s weights do not match the model config ({m.arch}): {k} is missing")
+        if k not in expected:
+            raise UserError(f"{where}'s weights do not match the model config ({m.arch}): {k} is unexpected")
+        if got[k] != expected[k]:
+            raise UserError(f"{where}'s weights do not match the model config ({m.arch}): {k} has shape "
+                            f"{list(got[k])}, the config gives {list(expected[k])}")

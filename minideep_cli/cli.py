@@ -284,6 +284,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run dir; default: runs/<time>-<arch>.")] = None,
     override: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (default: the newest run) exactly.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run in a non-empty --out (its files may be "
+                                        "replaced).")] = False,
 ):
     """Train a model; prints validation bits per byte and a sample at the end.
 
@@ -294,7 +296,7 @@ def train(
     [bold]torchrun --nproc_per_node=4 -m minideep_cli train --data data/fineweb -o train.distributed=fsdp[/bold]
     """
     from .checkpoint import load_checkpoint, newest_run
-    from .config import Config, parse_override, resolve_config, set_value, validate
+    from .config import Config, moe_only_keys, parse_override, resolve_config, set_value, validate
     from .train import train as run_train
 
     overrides = list(override or [])
@@ -312,6 +314,8 @@ def train(
             raise UserError(f"--resume: no last.pt in {run_dir}")
         for o in overrides:
             k, v = parse_override(o)
+            if cfg.model.arch == "gpt2" and k in [f"model.{m}" for m in moe_only_keys()]:
+                raise UserError(f"{k} is a moe-arch setting (gpt2 does not use it); this run is gpt2")
             set_value(cfg, k, v, "overrides")
         if data:
             cfg.data.dir = str(data)
@@ -327,17 +331,18 @@ def train(
     console = _console()
     view = TrainView(console)
     try:
-        result = run_train(cfg, run_dir, resume=resume, on_event=view)
+        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force)
     finally:
         view.close()
+    interrupted = 128 + (result.signal or 2)  # as a shell reports a process a signal ended: 130 SIGINT, 143 SIGTERM
     if not result.main:  # torchrun: rank 0 reports for every rank
-        if result.stopped == "diverged":
-            raise typer.Exit(1)
+        if result.stopped != "done":
+            raise typer.Exit(1 if result.stopped == "diverged" else interrupted)
         return
     if result.stopped == "interrupted":
         console.print(f"stopped at step {result.step}; saved {result.run_dir / 'last.pt'} "
                       f"(continue with: minideep train --resume --out {result.run_dir})")
-        return
+        raise typer.Exit(interrupted)
     if result.stopped == "diverged":
         raise typer.Exit(1)
     v = result.val
@@ -384,7 +389,7 @@ def eval_cmd(
     path = resolve_checkpoint(str(ckpt))
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev)
+    model, cfg = model_from_checkpoint(state, dev, path)
     tok = load_tokenizer(state["tokenizer"])
     if text:
         body = read_text_file(text)
@@ -452,7 +457,7 @@ def sample(
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev)
+    model, cfg = model_from_checkpoint(state, dev, path)
     tok = load_tokenizer(state["tokenizer"])
     pieces = token_bytes(tok)
     prompt_ids = tok.encode(prompt).ids
@@ -563,7 +568,7 @@ def inspect_routing(
     path = resolve_checkpoint(str(ckpt) if ckpt else None)
     state = load_checkpoint(path)
     dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev)
+    model, cfg = model_from_checkpoint(state, dev, path)
     moe_blocks = [i for i in range(cfg.model.n_layer) if cfg.model.arch == "moe" and is_moe_layer(cfg.model, i)]
     if not moe_blocks:
         raise UserError(f"{path} is a dense {cfg.model.arch} model with no experts: there is no routing to inspect "
@@ -669,7 +674,7 @@ def bench(
     import torch
 
     from .bench import DEFAULT_SECTIONS, BenchOptions, bench_config, json_safe, parse_bytes, run_bench
-    from .config import resolve_config
+    from .config import moe_only_keys, resolve_config
     from .views.bench import render_bench
 
     overrides = list(override or [])
@@ -692,6 +697,11 @@ def bench(
     sections = tuple(section or (("memory",) if estimate_memory else DEFAULT_SECTIONS))
     if compare_hf and "peers" not in sections:
         sections += ("peers",)
+    if "peers" in sections:  # checked before the other sections run, not after
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise UserError("--compare-hf needs Hugging Face transformers: pip install transformers")
     if variants and "train" not in sections:
         sections = ("train",) + sections
     opts = BenchOptions.for_run(quick, sections, device_memory=parse_bytes(device_memory) if device_memory else None,
@@ -699,7 +709,8 @@ def bench(
     peer_cfgs = None
     if "peers" in sections:  # both arches of the preset: GPT2LMHeadModel and MixtralForCausalLM
         peer_cfgs = {a: bench_config(resolve_config(name, str(config) if config else None, overrides if a == cfg.model.arch
-                                                    else [o for o in overrides if not o.startswith("model.attention")], a))
+                                                    else [o for o in overrides if o.partition("=")[0].strip()
+                                                          not in [f"model.{k}" for k in moe_only_keys()]], a))
                      for a in ("gpt2", "moe")}
     console = _console()
     result = run_bench(cfg, opts, name, peer_cfgs, on_event=lambda text: console.print(f"[dim]{text}[/dim]"),

@@ -24,6 +24,8 @@ import yaml
 from .errors import UserError
 
 ARCHES = ("gpt2", "moe")
+GPT2_KEYS = ("arch", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attention_dropout",
+             "bias")  # the model settings gpt2 reads; every other model.* key is a moe-arch setting
 ATTENTIONS = ("gqa", "mla", "latent")  # model.attention (moe arch); gpt2 is always multi-head
 SECTIONS = ("model", "data", "train", "sample")
 ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
@@ -335,7 +337,22 @@ def resolve_config(
         set_value(cfg, k, v, "overrides")
     cfg.model.arch = chosen
     validate(cfg)
+    if chosen == "gpt2":
+        check_gpt2_keys(cfg.model)
     return cfg
+
+
+def moe_only_keys() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in GPT2_KEYS)
+
+
+def check_gpt2_keys(m: ModelConfig) -> None:
+    """A moe-arch setting changed for a gpt2 run would be silently ignored: refuse it, by name."""
+    default = ModelConfig()
+    for key in moe_only_keys():
+        if getattr(m, key) != getattr(default, key):
+            raise UserError(f"model.{key}={getattr(m, key)} is a moe-arch setting (gpt2 does not use it); "
+                            "set it under the moe: section or use --arch moe")
 
 
 def attention_dropout(m: ModelConfig) -> float:
@@ -361,6 +378,7 @@ def _non_negative(v) -> bool:
 
 def validate(cfg: Config) -> None:
     """Every setting in range, for a run: the model, training and sampling sections."""
+    validate_numbers(cfg)
     validate_model(cfg.model)
     t = cfg.train
     _require("train", t, ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lr"),
@@ -378,10 +396,9 @@ def validate(cfg: Config) -> None:
     if t.schedule == "wsd" and t.warmup + t.cooldown > 1:
         raise UserError(f"train.warmup + train.cooldown must be at most 1 for wsd, got {t.warmup + t.cooldown:g}")
     _require("train", t, ("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
-    if t.max_steps <= 0 and t.max_minutes <= 0:
+    _require("train", t, ("max_steps", "max_minutes"), _non_negative, "cannot be negative")
+    if t.max_steps == 0 and t.max_minutes == 0:
         raise UserError("set train.max_steps or train.max_minutes (both are 0)")
-    if t.max_steps < 0 or t.max_minutes < 0:
-        raise UserError("train.max_steps and train.max_minutes cannot be negative")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got '{t.dtype}'")
     if not 0 < cfg.data.val_fraction < 1:
@@ -391,12 +408,39 @@ def validate(cfg: Config) -> None:
     validate_sample(cfg.sample)
 
 
+FLOAT_MAX = 3.4e38  # about float32's largest: a setting beyond it overflows in the tensors it scales
+INT_MAX = 2**63 - 1  # torch's integers (and seeds) are 64-bit
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Every number setting of every section (new ones too) finite and within 64-bit range:
+    nan passes every comparison, so a nan budget or capacity would otherwise never stop a run."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            name, v = f.name, getattr(obj, f.name)
+            if isinstance(v, float) and not -FLOAT_MAX <= v <= FLOAT_MAX:
+                raise UserError(f"{section}.{name} must be a finite number (at most {FLOAT_MAX:g}), got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -INT_MAX <= v <= INT_MAX:
+                raise UserError(f"{section}.{name} is too large, got {v}")
+
+
 def validate_sample(s: SampleConfig, label=lambda name: f"sample.{name}") -> None:
     """Sampling settings in range (temperature 0 = greedy, top_k 0 = off); label(name) names a
     setting in messages (the sample command's options: --top-k, ...)."""
+    check_text(s.prompt, label("prompt"))
+    _require(label, s, ("seed",), lambda v: -INT_MAX <= v <= INT_MAX, "is too large")
     _require(label, s, ("temperature", "top_k", "max_new_tokens"), _non_negative, "cannot be negative or infinite")
     _require(label, s, ("top_p",), lambda v: 0 < v <= 1, "must be above 0 and at most 1")
     _require(label, s, ("num_samples",), lambda v: v >= 1, "must be at least 1")
+
+
+def check_text(text: str, label: str) -> None:
+    """text can be encoded as UTF-8 (a command line's invalid bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{label} is not valid UTF-8 text (character {e.start})")
 
 
 def validate_model(m: ModelConfig) -> None:

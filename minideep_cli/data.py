@@ -94,8 +94,14 @@ def check_out_dir(out: Path, same: Callable[[dict], bool], force: bool) -> None:
         if not ok:
             raise UserError(f"{out} holds data tokenized from other text or with other settings; "
                             "choose another --out, or --force to replace it")
-    elif any(p for p in out.iterdir() if not is_data_file(p.name)):  # an unfinished data dir is fine
-        raise UserError(f"{out} holds other files than a data dir's; choose another --out, or --force to write there")
+    else:  # an unfinished data dir is fine: tokenize writes progress.json first and removes it last
+        unfinished = (out / "progress.json").is_file()
+        others = sorted(p.name for p in out.iterdir()
+                        if not p.name.startswith(".") and not (unfinished and is_data_file(p.name)))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise UserError(f"{out} holds other files than a data dir's ({shown}); choose another --out, "
+                            "or --force to write there")
 
 
 def is_data_file(name: str) -> bool:
@@ -132,6 +138,7 @@ def tokenize_text(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
+    write_file(out / "progress.json", json.dumps({"source_sha256": sha}).encode())  # marks an unfinished data dir
     write_file(out / "tokenizer.json", tok.to_str().encode())
     write_file(out / "train.bin", train_ids.tobytes())
     write_file(out / "val.bin", val_ids.tobytes())
@@ -149,6 +156,7 @@ def tokenize_text(
         "source_sha256": sha,
     }
     write_file(out / "meta.json", json.dumps(meta, indent=2).encode())
+    (out / "progress.json").unlink(missing_ok=True)
     return meta
 
 
@@ -203,6 +211,15 @@ def find_files(paths: list) -> list[Path]:
     return files
 
 
+def _sha256(p: Path) -> str:
+    """A file's content fingerprint: an edit that keeps its size changes it."""
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _text_document(p: Path, raw: Optional[bytes] = None) -> str:
     """The UTF-8 text of a file, refusing binary files and invalid UTF-8 with one clear line."""
     raw = p.read_bytes() if raw is None else raw
@@ -240,6 +257,7 @@ def _jsonl_records(p: Path, column: str, skip: int) -> Iterator[tuple[str, float
 
 def _parquet_records(p: Path, column: str, skip: int) -> Iterator[tuple[str, float]]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("reading parquet needs pyarrow: pip install 'minideep[data]'")
@@ -250,6 +268,9 @@ def _parquet_records(p: Path, column: str, skip: int) -> Iterator[tuple[str, flo
     if column not in pf.schema_arrow.names:
         raise UserError(f"{p} has no column '{column}' (columns: {', '.join(pf.schema_arrow.names)}); "
                         "choose one with --text-column")
+    kind = pf.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise UserError(f"{p}: column '{column}' holds {kind}, not text; choose another with --text-column")
     total = max(1, pf.metadata.num_rows)
     done = 0
     for g in range(pf.num_row_groups):
@@ -279,7 +300,8 @@ class Source:
     def describe(self) -> dict:
         if self.dataset:
             return {"dataset": self.dataset, "name": self.name, "split": self.split, "text_column": self.text_column}
-        return {"files": [[str(f.resolve()), f.stat().st_size] for f in self.files], "text_column": self.text_column}
+        return {"files": [[str(f.resolve()), f.stat().st_size, _sha256(f)] for f in self.files],
+                "text_column": self.text_column}
 
     def label(self) -> str:
         if self.dataset:
@@ -589,6 +611,8 @@ def tokenize_source(
         if state.get("settings") != settings:
             raise UserError(f"{out} holds an unfinished tokenize run with other inputs or options; "
                             "rerun that command to finish it, or choose another --out")
+        if not (out / "tokenizer.json").is_file():  # stopped before the tokenizer was written: start over
+            state = None
 
     if state is None:
         sample = sample_for_tokenizer(source, tokenizer_sample_bytes)
@@ -598,9 +622,9 @@ def tokenize_source(
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
         _remove_data_files(out)
-        write_file(out / "tokenizer.json", tok_json.encode())
         state = {"settings": settings, "shards": [], "records": 0, "skip_tokens": 0, "documents": 0}
-        write_file(out / "progress.json", json.dumps(state).encode())
+        write_file(out / "progress.json", json.dumps(state).encode())  # first: marks an unfinished data dir
+        write_file(out / "tokenizer.json", tok_json.encode())
     else:
         for f in out.glob(".*.tmp"):  # a shard a killed run was writing: never used
             f.unlink()

@@ -91,7 +91,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     check_out_dir(out_dir, force)
     safetensors_torch = _safetensors("minideep export")
     ckpt = load_checkpoint(ckpt_path)
-    model, cfg = model_from_checkpoint(ckpt, "cpu")
+    model, cfg = model_from_checkpoint(ckpt, "cpu", ckpt_path)
     if fmt == "hf":
         from .tokenizer import EOT, load_tokenizer
 
@@ -132,6 +132,9 @@ def _json(d: dict) -> str:
 def check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder")
+    if force and out_dir.is_dir() and out_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise UserError(f"{out_dir} is the current folder or holds it: --force would replace everything in it; "
+                        "choose a new folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} is not empty; choose another folder or pass --force to replace it")
 
@@ -162,11 +165,16 @@ def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable
             else:
                 out_dir.rmdir()
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old / "replaced", out_dir)
-            old.rmdir()
+        if old is not None:
+            if not out_dir.exists():
+                os.replace(old / "replaced", out_dir)
+            if not (old / "replaced").exists():
+                old.rmdir()
+        if isinstance(e, Exception) and not isinstance(e, UserError):  # e.g. SafetensorError on a full disk
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"cannot write {out_dir}: {reason[:200]}; it was left as it was")
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

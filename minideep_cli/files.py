@@ -19,6 +19,12 @@ def writable(path: str | os.PathLike) -> Path:
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder")
+    probe = temp_name(path)  # the file a write creates first (permissions, read-only disks)
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
     return path
 
 
@@ -33,6 +39,25 @@ def temp_dir(path: Path, suffix: str = ".tmp") -> Path:
     tmp = temp_name(path, suffix)
     tmp.mkdir(0o777)
     return tmp
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files (named by temp_name) in folder whose writing process is gone:
+    what a kill -9 during a write leaves behind."""
+    for p in folder.glob(".*.tmp"):
+        parts = p.name.split(".")  # "", name..., pid, hex, "tmp"
+        if len(parts) >= 5 and parts[-3].isdigit() and not _alive(int(parts[-3])) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError):  # no such process
+        return False
+    return True
 
 
 @contextmanager

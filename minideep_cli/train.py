@@ -19,13 +19,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_weights, load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
 from .data import TokenData, bundled_data_dir, get_batch, make_sampler
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
 from .errors import UserError
 from .evaluate import autocast_for, evaluate_tokens, nll_and_bytes
+from .files import remove_stale_temps
 from .generate import generate
 from .models import build_model
 from .optim import lr_at, make_optimizer, run_progress, set_lr
@@ -41,6 +42,7 @@ class TrainResult:
     tokens: int
     elapsed: float
     stopped: str  # "done", "interrupted", "diverged"
+    signal: int = 0  # when interrupted by SIGINT or SIGTERM: which one
     val: dict = field(default_factory=dict)  # final full-split evaluation
     sample: str = ""
     best_val_loss: float = float("inf")
@@ -112,6 +114,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum = 0  # the signal that asked (0: the caller asked)
         self._old = {}
 
     def __enter__(self):
@@ -126,6 +129,7 @@ class _StopFlag:
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -148,12 +152,13 @@ def routing_summary(loads: list[torch.Tensor]) -> float:
     return max((l.max() / l.float().mean().clamp_min(1e-9)).item() for l in loads) if loads else 0.0
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None) -> TrainResult:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None,
+          force: bool = False) -> TrainResult:
     """Train (or with resume, continue the run in run_dir exactly); one process, or one rank of
-    a torchrun job."""
+    a torchrun job. A new run needs an empty or missing run_dir (any folder with force)."""
     d, device = setup(pick_device(cfg.train.device), cfg.train.distributed)
     try:
-        return _train(cfg, Path(run_dir), resume, on_event, d, device)
+        return _train(cfg, Path(run_dir), resume, on_event, d, device, force)
     finally:
         teardown(d)
 
@@ -168,7 +173,8 @@ def _open_data_once(cfg: Config, d: Dist, emit: Event) -> TokenData:
     return open_data(cfg, progress)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], d: Dist, device: str) -> TrainResult:
+def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], d: Dist, device: str,
+           force: bool = False) -> TrainResult:
     emit = (on_event or (lambda kind, info: None)) if d.main else (lambda kind, info: None)
     t = cfg.train
     dtype = pick_dtype(t.dtype, device)
@@ -176,8 +182,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
         emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
 
     ckpt = None
-    if not resume and (run_dir / "last.pt").exists():
+    if d.main and run_dir.is_dir():
+        remove_stale_temps(run_dir)  # checkpoints a killed process was writing
+    if not resume and (run_dir / "last.pt").exists() and not force:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+    if not resume and not force and run_dir.is_dir() and any(run_dir.iterdir()):
+        names = sorted(p.name for p in run_dir.iterdir())
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{run_dir} is not empty (it holds {shown}); choose another --out, or --force to write there")
     if resume:
         ckpt_path = run_dir / "last.pt"
         if not ckpt_path.is_file():
@@ -196,15 +208,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
             raise UserError(f"the data's {split} split holds {n} tokens, fewer than model.block_size + 2 = {T + 2}; "
                             "use more text or a smaller model.block_size")
 
+    if ckpt is not None:
+        check_weights(cfg.model, ckpt["model"], f"--resume: {run_dir / 'last.pt'}")
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, float("inf")
     last_val = float("inf")
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--resume: checkpoint does not match the config: {str(e).splitlines()[0]}")
+        model.load_state_dict(ckpt["model"])
     model = model.to(device)
     model.grad_checkpointing = t.grad_checkpointing
     wrapped = wrap(model, d, device)
@@ -375,7 +386,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
                 break
     writer.flush()
 
-    result = TrainResult(run_dir, step, tokens_seen, elapsed, stopped, best_val_loss=best_val, main=d.main)
+    result = TrainResult(run_dir, step, tokens_seen, elapsed, stopped, signal=stop.signum, best_val_loss=best_val,
+                         main=d.main)
     if stopped != "done":
         writer.close()
         return result

@@ -132,7 +132,7 @@ def test_checkpoints_with_missing_or_damaged_parts_are_one_line_errors(trained, 
     good = torch.load(root / "run" / "last.pt", weights_only=True)
     bad = {"noloop": ({**good, "loop": None}, "'loop' is missing"), "nomodel": ({**good, "model": "x"}, "'model'"),
            "badtok": ({**good, "tokenizer": "garbage"}, "tokenizer in"),
-           "nokey": ({**good, "model": dict(list(good["model"].items())[1:])}, "Missing key(s)"),
+           "nokey": ({**good, "model": dict(list(good["model"].items())[1:])}, "tok_emb.weight is missing"),
            "badcfg": ({**good, "config": {**good["config"], "model": {**good["config"]["model"], "n_head": 0}}},
                       "n_head must be positive")}
     for name, (state, needle) in bad.items():

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,7 +41,8 @@ def setup(tmp_path_factory, corpus_text):
 
 
 def torchrun(root, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIDEEP_CACHE": str(root / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIDEEP_CACHE": str(root / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's code, not an installed one
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "minideep_cli", "train", *map(str, args)]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)

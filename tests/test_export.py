@@ -334,7 +334,7 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path, tok_json, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left"):
         export_checkpoint(ckpt, tmp_path / "new", "safetensors")
     assert not (tmp_path / "new").exists() and not leftovers(tmp_path)
 
@@ -360,7 +360,7 @@ def test_export_reads_checkpoints_weights_only(tmp_path, tok_json):
     marker = tmp_path / "code-ran"
     state["loop"]["evil"] = Payload(marker)
     torch.save(state, tmp_path / "evil.pt")
-    assert_clean_error(invoke("export", tmp_path / "evil.pt", tmp_path / "out"), "not a readable minideep checkpoint")
+    assert_clean_error(invoke("export", tmp_path / "evil.pt", tmp_path / "out"), "evil.pt", "refused")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
