@@ -105,7 +105,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # time budget; 0 = none. The LR schedule follows it.
     optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 1e-3  # AdamW's learning rate
-    muon_lr: float = 0.02  # Muon's, for an update scaled like AdamW's (torch's adjust_lr_fn match_rms_adamw)
+    muon_lr: float = 4e-3  # Muon's, for an update scaled like AdamW's (torch's adjust_lr_fn match_rms_adamw)
     muon_momentum: float = 0.95
     schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over the last `cooldown`)
     cooldown: float = 0.3  # wsd: fraction of the run spent decaying
