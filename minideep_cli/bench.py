@@ -1,4 +1,4 @@
-"""`minideep bench`: speed, memory and cache sizes, measured on this machine (design.md §6).
+"""`minideep bench`: speed, memory and cache sizes, measured on this machine (docs/design.md, Tests and measurements).
 
 Every timed figure is the median of several repetitions after warm-up; comparisons (MoE against
 dense, minideep against transformers, cached against recomputed decoding) are ratios of timings

@@ -2,7 +2,7 @@
 
 Torch-free on purpose: `minideep --help` and config errors must not pay for importing torch.
 
-Precedence (design.md §3): defaults < preset YAML < --config FILE < -o section.key=value.
+Precedence (docs/design.md, Definitions): defaults < preset YAML < --config FILE < -o section.key=value.
 A YAML file holds the sections `model`, `data`, `train`, `sample`, and may hold per-arch
 sections `gpt2:` / `moe:` (each with the same four sections) that apply only to that arch.
 """
@@ -47,7 +47,7 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
     # moe transformer
     n_kv_head: int = 0  # 0 = n_head (plain multi-head attention)
-    attention: str = "gqa"  # gqa | mla | latent (design.md §4); moe arch only, gpt2 is always MHA
+    attention: str = "gqa"  # gqa | mla | latent (docs/design.md, The models); moe arch only, gpt2 is always MHA
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     ffn_hidden: int = 0  # hidden width of dense SwiGLU layers; 0 = 8/3 * n_embd rounded to 16

@@ -1,4 +1,4 @@
-"""Loss, perplexity and bits per byte (design.md §3):
+"""Loss, perplexity and bits per byte (docs/design.md, Definitions):
 
     bpb = sum of token NLL in nats / (ln 2 * UTF-8 bytes of the tokens predicted)
 

@@ -1,4 +1,4 @@
-"""The attention variants (design.md §4): gqa, mla (DeepSeek-V2 latent KV) and latent (causal
+"""The attention variants (docs/design.md, The models): gqa, mla (DeepSeek-V2 latent KV) and latent (causal
 latent slots). Causality, cached == full, mla absorbed == naive, latent parallel == recurrent,
 cache sizes, config and presets."""
 

@@ -1,4 +1,4 @@
-"""The MoE layer against a plain reference, and the routing rules of design.md §4."""
+"""The MoE layer against a plain reference, and the routing rules of docs/design.md, The models."""
 
 import math
 

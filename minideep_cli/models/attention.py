@@ -1,4 +1,4 @@
-"""Causal self-attention variants and their caches (design.md §4).
+"""Causal self-attention variants and their caches (docs/design.md, The models).
 
 gqa     n_head query heads share n_kv_head key/value heads (plain multi-head when equal); RoPE on
         q and k; the cache holds K and V.
