@@ -262,7 +262,8 @@ class TrainView:
             c.print(f"step {info['step']:>6}  val loss {info['loss']:.4f}  val bpb {info['bpb']:.4f}{mark}")
         elif kind == "diverged":
             kept = "The last good checkpoint is intact" if info["saved"] else "No checkpoint had been saved yet"
-            c.print(f"[red]loss became {info['loss']} at step {info['step']}; stopped. {kept}; try a lower train.lr.[/red]")
+            c.print(f"[red]loss became {info['loss']} at step {info['step']}; stopped. {kept}; try a lower train.lr "
+                    "or train.muon_lr.[/red]", soft_wrap=True)  # one line, whatever the terminal's width
         elif kind == "final_eval":
             self.bar.stop()
             c.print("evaluating on the full validation split ...")

@@ -80,7 +80,7 @@ class ModelConfig:
     z_loss_coef: float = 0.001  # router z-loss
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
     # moe transformer: block options of the 2026 recipe (docs/design.md, "The recipe")
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (gqa; Qwen3, OLMo 2)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE; gqa only (mla and latent keep their own norms)
     activation: str = "swiglu"  # swiglu | relu2 (relu(x)^2, no gate), for experts and dense feed-forwards
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
     zero_init_out: bool = False  # output projections (attention wo, feed-forward w2) start at zero
@@ -480,8 +480,6 @@ def validate_model(m: ModelConfig) -> None:
         raise UserError("model.n_latents must be positive for latent attention")
     if m.activation not in ACTIVATIONS:
         raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{m.activation}'")
-    if m.qk_norm and m.attention != "gqa":
-        raise UserError(f"model.qk_norm applies to gqa attention (mla normalises its latents), not {m.attention}")
     _require("model", m, ("logit_softcap",), _non_negative, "cannot be negative or infinite")
     if m.router not in ("softmax", "sigmoid"):
         raise UserError(f"model.router must be softmax or sigmoid, got '{m.router}'")

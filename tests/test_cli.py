@@ -167,7 +167,7 @@ def test_out_of_range_settings_and_resume_flags_are_refused(trained, tmp_path):
 
 def test_a_diverging_run_exits_1_with_its_own_message_only(trained, tmp_path):
     root, _ = trained
-    r = invoke("train", "--preset", "cpu", "--data", root / "data", "--out", tmp_path / "r", *TINY, "-o", "train.lr=1e12",
+    r = invoke("train", "--preset", "cpu", "--data", root / "data", "--out", tmp_path / "r", *TINY, "-o", "train.lr=1e12", "-o", "train.muon_lr=1e12",
                "-o", "train.grad_clip=0", "-o", "train.log_interval=1", "-o", "train.max_steps=30")
     assert r.exit_code == 1 and "loss became" in r.output and "No checkpoint had been saved yet" in r.output
     assert "error:" not in r.stderr
@@ -213,3 +213,20 @@ def test_tokenize_failure_leaves_existing_data_untouched(trained):
     before = digest(root / "data")
     assert_clean_error(invoke("tokenize", root / "nothing.txt", "--out", root / "data"), "not found")
     assert digest(root / "data") == before
+
+
+def test_a_muon_checkpoint_of_the_default_recipe_routes_evaluates_and_exports(trained, tmp_path):
+    """The cpu preset trains with Muon + AdamW and QK-norm: its checkpoint holds both optimizers'
+    state in one dict, and every reader takes it (eval and sample: the tests above)."""
+    from minideep_cli.checkpoint import load_checkpoint
+
+    root, _ = trained
+    ckpt = load_checkpoint(root / "run" / "last.pt")
+    kinds = {g["kind"] for g in ckpt["optimizer"]["param_groups"]}
+    assert kinds == {"muon", "muon_experts", "adamw"} and ckpt["config"]["model"]["qk_norm"]
+    r = invoke("inspect-routing", root / "run" / "last.pt", "--prompt", "ROMEO:", "--json", tmp_path / "r.json",
+               "--device", "cpu")
+    assert r.exit_code == 0 and json.loads((tmp_path / "r.json").read_text())["layers"], r.output
+    pytest.importorskip("transformers")
+    r = invoke("export", root / "run", tmp_path / "hf")
+    assert r.exit_code == 0 and "Qwen3MoeForCausalLM" in r.output, r.output

@@ -93,7 +93,8 @@ HF_CASES = {
                            "Qwen2MoeForCausalLM"),
     "moe-every-2-shared": ("moe", dict(n_layer=3, moe_every=2, n_shared_experts=1, top_k=3, norm_topk=True),
                            "Qwen2MoeForCausalLM"),
-    "qwen3-qk-norm": ("moe", dict(qk_norm=True, norm_topk=True, rope_theta=500.0), "Qwen3MoeForCausalLM"),
+    "qwen3-qk-norm": ("moe", dict(qk_norm=True, rope_theta=500.0), "Qwen3MoeForCausalLM"),  # the cpu preset's
+    "qwen3-qk-norm-renormalised": ("moe", dict(qk_norm=True, norm_topk=True), "Qwen3MoeForCausalLM"),
     "qwen3-qk-norm-dense-first-k1": ("moe", dict(qk_norm=True, top_k=1, first_k_dense=1, ffn_hidden=48,
                                                  tie_embeddings=False), "Qwen3MoeForCausalLM"),
     "mla-softmax": ("moe", dict(**MLA, norm_topk=False, n_shared_experts=1, first_k_dense=1), "DeepseekV2ForCausalLM"),

@@ -217,12 +217,13 @@ def test_recipe_model_is_causal_and_its_cache_equals_the_full_forward(t):
 def test_muon_trains_a_tiny_model_below_the_unigram_entropy(tmp_path, small_data, arch, model_kw):
     from minideep_cli.train import train
 
-    cfg = tiny_train_cfg(small_data, arch, max_steps=60, optimizer="muon", muon_lr=0.02, schedule="wsd",
-                         eval_interval=60)
+    cfg = tiny_train_cfg(small_data, arch, max_steps=150, lr=1e-2, optimizer="muon", muon_lr=1e-2, schedule="wsd",
+                         eval_interval=150)
+    cfg.model.n_embd, cfg.model.block_size = 64, 64  # as the AdamW test in test_train.py
     for k, v in model_kw.items():
         setattr(cfg.model, k, v)
     result = train(cfg, tmp_path / "run")
-    assert result.stopped == "done" and result.val["loss"] < unigram_nats(small_data) - 0.3, result.val
+    assert result.stopped == "done" and result.val["loss"] < unigram_nats(small_data) - 0.4, result.val
 
 
 def test_memory_estimate_counts_one_momentum_for_muon_and_two_states_for_adamw():

@@ -104,3 +104,20 @@ def recorder(events: list):
     def on_event(kind, info):
         events.append((kind, info))
     return on_event
+
+
+def count_grouped(monkeypatch) -> list[int]:
+    """Count the experts' grouped-matmul calls, through every function Experts.forward may pick
+    (models.moe.GROUPED for bf16, EAGER_GROUPED otherwise, one per activation)."""
+    import minideep_cli.models.moe as moe_mod
+
+    calls = [0]
+    for table in (moe_mod.GROUPED, moe_mod.EAGER_GROUPED):
+        for name, inner in list(table.items()):
+
+            def counted(*a, _inner=inner, **k):
+                calls[0] += 1
+                return _inner(*a, **k)
+
+            monkeypatch.setitem(table, name, counted)
+    return calls

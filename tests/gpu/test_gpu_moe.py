@@ -5,7 +5,7 @@ rounding, and the grouped path really runs grouped_mm where grouped_mm_ok allows
 import copy
 
 import torch
-from gpu_env import pytestmark, rig  # noqa: F401
+from gpu_env import count_grouped, pytestmark, rig  # noqa: F401
 
 import minideep_cli.models.moe as moe_mod
 from minideep_cli.evaluate import autocast_for
@@ -41,14 +41,7 @@ def test_grouped_mm_equals_loop_over_experts(rig, monkeypatch, record_property):
     x = torch.randn(2, tokens // 2, cfg.n_embd, device=rig.device)
     g = torch.randn(2, tokens // 2, cfg.n_embd, device=rig.device)
 
-    calls = [0]
-    inner = moe_mod.grouped_swiglu
-
-    def counted(*a, **k):
-        calls[0] += 1
-        return inner(*a, **k)
-
-    monkeypatch.setattr(moe_mod, "grouped_swiglu", counted)
+    calls = count_grouped(monkeypatch)
     y_g, dx_g, dw_g, s_g = run(layer, x, g, True, rig.device)
     expected = moe_mod.grouped_mm_ok(x, torch.bfloat16, *layer.experts.w1.shape[1:])
     assert (calls[0] > 0) == expected, (calls[0], expected)

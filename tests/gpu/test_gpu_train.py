@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from gpu_env import losses_of, preset_data, pytestmark, recorder, rig  # noqa: F401
+from gpu_env import count_grouped, losses_of, preset_data, pytestmark, recorder, rig  # noqa: F401
 
 import minideep_cli.models.moe as moe_mod
 from minideep_cli.models.transformer import expert_hidden
@@ -14,20 +14,6 @@ from minideep_cli.train import train
 
 VARIANTS = [("gpt2", None), ("moe", "gqa"), ("moe", "mla"), ("moe", "latent")]
 STEPS = 8
-
-
-def count_grouped(monkeypatch) -> list[int]:
-    """Count the experts' grouped-matmul calls (both names Experts.forward may call)."""
-    calls = [0]
-    for name in ("grouped_swiglu", "eager_grouped_swiglu"):
-        inner = getattr(moe_mod, name)
-
-        def counted(*a, _inner=inner, **k):
-            calls[0] += 1
-            return _inner(*a, **k)
-
-        monkeypatch.setattr(moe_mod, name, counted)
-    return calls
 
 
 @pytest.mark.parametrize("arch,attention", VARIANTS, ids=[a if b is None else f"{a}-{b}" for a, b in VARIANTS])
