@@ -60,7 +60,10 @@ def setup(device: str, mode: str) -> tuple[Dist, str]:
 
 
 def teardown(d: Dist) -> None:
+    """Leave the process group once every rank is done with it: a rank that destroyed its group
+    while another still used it (gloo, after FSDP's last collectives) was seen to abort."""
     if d.owns_group and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
