@@ -107,6 +107,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW's learning rate
     muon_lr: float = 4e-3  # Muon's, for an update scaled like AdamW's (torch's adjust_lr_fn match_rms_adamw)
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch's default 5; the cpu preset 3)
     schedule: str = "cosine"  # cosine | wsd (warmup, stable, then a linear decay over the last `cooldown`)
     cooldown: float = 0.3  # wsd: fraction of the run spent decaying
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
@@ -385,7 +386,7 @@ def validate(cfg: Config) -> None:
              _positive, "must be positive")
     _require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens"), _non_negative,
              "cannot be negative or infinite")
-    _require("train", t, ("muon_lr",), _positive, "must be positive")
+    _require("train", t, ("muon_lr", "muon_ns_steps"), _positive, "must be positive")
     _require("train", t, ("warmup", "beta1", "beta2", "muon_momentum"), lambda v: 0 <= v < 1,
              "must be at least 0 and below 1")
     _require("train", t, ("cooldown",), lambda v: 0 <= v <= 1, "must be between 0 and 1")

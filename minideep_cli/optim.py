@@ -200,7 +200,7 @@ def make_optimizer(model: nn.Module, cfg, device: str) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if t.optimizer == "adamw":
         return torch.optim.AdamW([g for g in groups if g["params"]], **adamw)
-    muon = dict(lr=t.muon_lr, momentum=t.muon_momentum, adjust_lr_fn=ADJUST_LR)
+    muon = dict(lr=t.muon_lr, momentum=t.muon_momentum, ns_steps=t.muon_ns_steps, adjust_lr_fn=ADJUST_LR)
     return MuonAdamW(groups, adamw, muon)
 
 

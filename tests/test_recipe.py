@@ -22,14 +22,14 @@ RECIPE = dict(qk_norm=True, activation="relu2", logit_softcap=15.0, zero_init_ou
 # ---------------------------------------------------------------- Muon
 
 
-@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("adjust,ns_steps", [("match_rms_adamw", 5), ("original", 5), ("match_rms_adamw", 3)])
 @pytest.mark.parametrize("shape", [(4, 24, 40), (3, 40, 24), (2, 16, 16)], ids=["wide", "tall", "square"])
-def test_batched_muon_equals_torch_muon_on_each_expert_slice(shape, adjust):
+def test_batched_muon_equals_torch_muon_on_each_expert_slice(shape, adjust, ns_steps):
     torch.manual_seed(0)
     stacked = torch.nn.Parameter(torch.randn(shape))
     slices = [torch.nn.Parameter(stacked[e].detach().clone()) for e in range(shape[0])]
-    ours = ExpertMuon([stacked], lr=0.01, weight_decay=0.1, adjust_lr_fn=adjust)
-    theirs = torch.optim.Muon(slices, lr=0.01, weight_decay=0.1, adjust_lr_fn=adjust)
+    ours = ExpertMuon([stacked], lr=0.01, weight_decay=0.1, adjust_lr_fn=adjust, ns_steps=ns_steps)
+    theirs = torch.optim.Muon(slices, lr=0.01, weight_decay=0.1, adjust_lr_fn=adjust, ns_steps=ns_steps)
     before = stacked.detach().clone()
     for _ in range(3):  # momentum carries across steps
         g = torch.randn(shape)
@@ -41,6 +41,15 @@ def test_batched_muon_equals_torch_muon_on_each_expert_slice(shape, adjust):
     for e, s in enumerate(slices):  # bit for bit where the bf16 kernels agree; always within 1% of the change
         moved = (s.detach() - before[e]).abs().max()
         assert moved > 0.01 and (stacked[e].detach() - s.detach()).abs().max() <= 0.01 * moved
+
+
+def test_muon_ns_steps_reaches_both_muon_parts():
+    cfg = Config()
+    cfg.model = tiny_model_cfg("moe")
+    cfg.train.optimizer, cfg.train.muon_ns_steps = "muon", 3
+    opt = make_optimizer(build_model(cfg.model), cfg, "cpu")
+    steps = {g["kind"]: g["ns_steps"] for g in opt.param_groups if g["kind"] != "adamw"}
+    assert steps == {"muon": 3, "muon_experts": 3}
 
 
 def test_expert_muon_refuses_matrices_it_was_not_made_for():
