@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from minideep_cli.checkpoint import load_checkpoint
 from minideep_cli.cli import app
-from minideep_cli import data as data_mod
+from minideep_cli.data import encode as encode_mod
 from minideep_cli.data import ShardReader, Source, TokenData, find_files, plan_split, tokenize_source
 from minideep_cli.errors import UserError
 from minideep_cli.tokenizer import EOT
@@ -292,7 +292,7 @@ def test_a_source_of_known_size_is_split_after_reading_a_tenth_not_all(tmp_path,
     root = tmp_path / "ds"
     root.mkdir()
     (root / "a.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for _ in range(100)))
-    monkeypatch.setattr(data_mod, "BATCH_CHARS", 7 * len(doc))  # 7 documents a batch
+    monkeypatch.setattr(encode_mod, "BATCH_CHARS", 7 * len(doc))  # 7 documents a batch
     events: list = []
     meta = tokenize_source(Source(find_files([root])), tmp_path / "out", progress=events.append, **SMALL)
     n = 1 + len(TokenData.open(tmp_path / "out").tokenizer().encode(doc).ids)
@@ -306,7 +306,7 @@ def test_a_source_of_known_size_is_split_after_reading_a_tenth_not_all(tmp_path,
 
 
 def test_a_killed_tokenize_with_default_sizes_resumes_to_identical_files(tmp_path, docs, monkeypatch):
-    monkeypatch.setattr(data_mod, "BATCH_CHARS", 5000)  # the split is decided after a few batches
+    monkeypatch.setattr(encode_mod, "BATCH_CHARS", 5000)  # the split is decided after a few batches
     src = Source(find_files(write_sources(tmp_path, docs)["jsonl"]))
     ref = tokenize_source(src, tmp_path / "ref", **SMALL)
     assert len(ref["shards"]) in (5, 6) and ref["val_documents"] < ref["documents"]  # 4 estimated

@@ -12,8 +12,8 @@ from conftest import tiny_model_cfg
 from minideep_cli.errors import UserError
 from minideep_cli.models import build_model
 from minideep_cli.models.moe import MoE
-from minideep_cli.routing import (LayerTrace, ModelInfo, RoutingTrace, Source, analyze, collect_routing,
-                                  simulate_drops, summarize_step, token_texts)
+from minideep_cli.routing_report import (LayerTrace, ModelInfo, ReportInputs, RoutingTrace, analyze,
+                                         collect_routing, simulate_drops, summarize_step, token_texts)
 
 # Six tokens in two windows of three; four experts, top-2; two MoE layers (blocks 0 and 1).
 TOKENS = np.array([5, 7, 5, 9, 5, 7])
@@ -32,7 +32,7 @@ def hand_trace() -> RoutingTrace:
 
 def hand_report(capacity_factor=1.0, policy="position", top_n=5):
     info = ModelInfo("moe", 2, [0, 1], 4, 2, "softmax", capacity_factor, policy, 2, 3)
-    return analyze(hand_trace(), VOCAB, info, Source("hand.pt", "hand-built", 6), layer=0, top_n=top_n)
+    return analyze(hand_trace(), VOCAB, info, ReportInputs("hand.pt", "hand-built", 6), layer=0, top_n=top_n)
 
 
 def test_loads_imbalance_entropy_by_hand():
@@ -122,6 +122,19 @@ def test_simulated_drops_equal_the_moe_layers_own(policy):
     assert np.array_equal(kept, s["kept"].numpy())
 
 
+@pytest.mark.parametrize("policy", ["position", "gate"])
+def test_simulated_drops_equal_the_moe_layers_own_on_hand_built_routing(policy, monkeypatch):
+    # the layer's router is made to choose IDS_A with GATES (two windows of three, one batch), so
+    # both capacity steps see the same choices; the report's twin must drop exactly what the layer drops
+    cfg = tiny_model_cfg("moe", capacity_factor=1.0, drop_policy=policy, n_experts=4, top_k=2)
+    moe = MoE(cfg, 16).train()
+    routed = (torch.from_numpy(IDS_A), torch.from_numpy(GATES), torch.from_numpy(PROBS), torch.zeros(6, 4))
+    monkeypatch.setattr(moe.router, "forward", lambda x: routed)
+    _, s = moe(torch.randn(2, 3, cfg.n_embd))
+    kept = simulate_drops(IDS_A, GATES, 3, 2, 1.0, 4, policy)
+    assert (~kept).sum() == 1 and np.array_equal(kept, s["kept"].numpy())
+
+
 def test_collect_routing_equals_a_direct_forward_and_its_aux():
     cfg = tiny_model_cfg("moe", block_size=8, n_layer=2)
     model = build_model(cfg).eval()
@@ -140,7 +153,7 @@ def test_collect_routing_equals_a_direct_forward_and_its_aux():
     one = RoutingTrace(tokens[:8], 8, 4, 2, [LayerTrace(lt.layer, lt.expert_ids[:8], lt.gates[:8], lt.probs[:8])
                                               for lt in trace.layers])
     info = ModelInfo("moe", 2, [0, 1], 4, 2, "softmax", None, "position", 1, 8)
-    r = analyze(one, [b"x"] * cfg.vocab_size, info, Source("", "", 8))
+    r = analyze(one, [b"x"] * cfg.vocab_size, info, ReportInputs("", "", 8))
     with torch.no_grad():
         aux = model(torch.tensor(tokens[:8])[None]).aux
     assert [l.aux for l in r.layers] == pytest.approx([s["aux"].item() for s in aux["routing"]], rel=1e-5)
@@ -194,10 +207,10 @@ def test_json_schema_is_stable():
 def test_bad_layer_and_dense_models_are_user_errors():
     with pytest.raises(UserError, match="not an MoE layer"):
         analyze(hand_trace(), VOCAB, ModelInfo("moe", 3, [0, 1], 4, 2, "softmax", 1.0, "position", 2, 3),
-                Source("", "", 6), layer=2)
+                ReportInputs("", "", 6), layer=2)
     dense = RoutingTrace(TOKENS, 3, 0, 0, [])
     with pytest.raises(UserError, match="no MoE layers"):
-        analyze(dense, VOCAB, ModelInfo("gpt2", 2, [], 0, 0, "softmax", None, "position", 2, 3), Source("", "", 6))
+        analyze(dense, VOCAB, ModelInfo("gpt2", 2, [], 0, 0, "softmax", None, "position", 2, 3), ReportInputs("", "", 6))
 
 
 def test_token_texts_give_a_split_character_to_the_token_that_completes_it():

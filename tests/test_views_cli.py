@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from minideep_cli.checkpoint import load_checkpoint, model_from_checkpoint
 from minideep_cli.cli import app
-from minideep_cli.routing import read_history
+from minideep_cli.routing_report import read_history
 from minideep_cli.tokenizer import load_tokenizer
 from minideep_cli.train import train
 

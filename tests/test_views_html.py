@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from test_routing import VOCAB, hand_trace
 
-from minideep_cli.routing import ModelInfo, Source, analyze
+from minideep_cli.routing_report import ModelInfo, ReportInputs, analyze
 from minideep_cli.views.html import render_html
 
 CHROMIUM = shutil.which("chromium")
@@ -19,7 +19,7 @@ NASTY = "</script><img src=x onerror=alert(1)>"
 
 def report(vocab=VOCAB):
     info = ModelInfo("moe", 2, [0, 1], 4, 2, "softmax", 1.0, "position", 2, 3)
-    return analyze(hand_trace(), vocab, info, Source("runs/x/best.pt", "hand-built <text>", 6), layer=1)
+    return analyze(hand_trace(), vocab, info, ReportInputs("runs/x/best.pt", "hand-built <text>", 6), layer=1)
 
 
 def test_report_is_one_file_with_no_external_references():

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from html import escape
 
-from ..routing import RoutingReport
+from ..routing_report import RoutingReport
 from .palette import expert_hex
 
 CSS = """

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..routing import StepView
+from ..routing_report import StepView
 from .palette import bar, expert_hex, spark
 
 

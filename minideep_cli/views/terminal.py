@@ -9,7 +9,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..routing import History, RoutingReport
+from ..routing_report import History, RoutingReport
 from .palette import bar, expert_hex, spark
 
 

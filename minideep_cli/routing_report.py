@@ -111,34 +111,49 @@ def collect_routing(model, tokens: np.ndarray, device: str = "cpu", batch_window
     return RoutingTrace(np.asarray(tokens, dtype=np.int64), T, getattr(cfg, "n_experts", 0), getattr(cfg, "top_k", 0), layers)
 
 
+def expert_capacity(capacity_factor: float, n_tokens: int, k: int, n_experts: int) -> int:
+    """Places per expert for n_tokens tokens: ceil(capacity_factor * n_tokens * k / E). The numpy
+    side's copy of models.moe.capacity_for (this module imports no torch)."""
+    return math.ceil(capacity_factor * n_tokens * k / n_experts)
+
+
 def simulate_drops(expert_ids: np.ndarray, gates: np.ndarray, window: int, batch_size: int,
                    capacity_factor: Optional[float], n_experts: int, policy: str = "position") -> np.ndarray:
     """(N, k) True where the assignment would be kept in training: consecutive windows form
-    batches of batch_size; each batch gives an expert ceil(capacity_factor * tokens * k / E)
-    places, filled in position-major order (all windows' position 0 first, then 1, ...; the
-    choices of one token in rank order) or, with policy "gate", highest gate first."""
+    batches of batch_size (the last one maybe shorter), and each batch is one MoE forward."""
     N, k = expert_ids.shape
-    if capacity_factor is None or N == 0:
-        return np.ones((N, k), dtype=bool)
-    idx = np.repeat(np.arange(N), k)  # token of each assignment, (N*k,)
-    choice = np.tile(np.arange(k), N)
+    kept = np.ones((N, k), dtype=bool)
+    if capacity_factor is None:
+        return kept
     per_batch = window * batch_size
-    batch = idx // per_batch
-    pos, win = (idx % per_batch) % window, (idx % per_batch) // window
-    e = expert_ids.reshape(-1).astype(np.int64)
+    for s in range(0, N, per_batch):
+        rows = slice(s, s + per_batch)
+        kept[rows] = kept_in_batch(expert_ids[rows], gates[rows], window, capacity_factor, n_experts, policy)
+    return kept
+
+
+def kept_in_batch(expert_ids: np.ndarray, gates: np.ndarray, window: int, capacity_factor: float,
+                  n_experts: int, policy: str = "position") -> np.ndarray:
+    """(n, k) True where an assignment of one batch is kept: each expert takes expert_capacity()
+    of them, in position-major order (all windows' position 0 first, then 1, ...; one token's
+    choices in rank order) or, with policy "gate", highest gate first."""
+    # the numpy twin of MoE.forward's capacity step (models/moe.py); tests/test_routing.py checks they agree
+    n, k = expert_ids.shape
+    a = np.arange(n * k)
+    token = a // k  # assignment -> token: its window * window length + its position
     if policy == "gate":
-        order = np.lexsort((np.arange(N * k), -gates.reshape(-1).astype(np.float64), e, batch))
-    else:
-        order = np.lexsort((choice, win, pos, e, batch))
-    group = (batch * n_experts + e)[order]
-    start = np.r_[True, group[1:] != group[:-1]]
-    first = np.maximum.accumulate(np.where(start, np.arange(N * k), 0))
-    rank = np.arange(N * k) - first  # place in its expert's queue within its batch
-    tokens_in_batch = np.minimum(per_batch, N - np.arange(batch.max() + 1) * per_batch)
-    capacity = np.ceil(capacity_factor * tokens_in_batch * k / n_experts).astype(np.int64)
-    keep = np.empty(N * k, dtype=bool)
-    keep[order] = rank < capacity[batch[order]]
-    return keep.reshape(N, k)
+        prio = np.empty_like(a)
+        prio[np.argsort(-gates.reshape(-1), kind="stable")] = a
+    else:  # position-major: (position, window, choice)
+        prio = ((token % window) * -(-n // window) + token // window) * k + a % k
+    e_flat = expert_ids.reshape(-1).astype(np.int64)  # (n*k,)
+    order = np.lexsort((prio, e_flat))  # (n*k,) grouped by expert, priority within
+    counts = np.bincount(e_flat, minlength=n_experts)  # (E,)
+    starts = np.cumsum(counts) - counts
+    rank = a - starts[e_flat[order]]  # place in its expert's queue
+    keep = np.empty(n * k, dtype=bool)
+    keep[order] = rank < expert_capacity(capacity_factor, n, k, n_experts)
+    return keep.reshape(n, k)
 
 
 # ---------------------------------------------------------------- report
@@ -261,7 +276,9 @@ class ModelInfo:
 
 
 @dataclass
-class Source:
+class ReportInputs:
+    """What a report was computed from (its JSON key is `source`)."""
+
     checkpoint: str
     text: str  # where the tokens came from
     tokens: int
@@ -270,7 +287,7 @@ class Source:
 @dataclass
 class RoutingReport:
     schema: str
-    source: Source
+    source: ReportInputs
     model: ModelInfo
     summary: Summary
     layers: list[LayerStats]
@@ -396,7 +413,7 @@ def layer_stats(lt: LayerTrace, tokens: np.ndarray, window: int, n_experts: int,
         load_entropy=float(_norm_entropy(share, E)),
         aux=float(E * (share * probs.mean(0)).sum()) if N else 0.0,
         capacity_factor=capacity_factor,
-        capacity=None if capacity_factor is None else math.ceil(capacity_factor * full_tokens * k / E),
+        capacity=None if capacity_factor is None else expert_capacity(capacity_factor, full_tokens, k, E),
         dropped=int((~kept).sum()),
         assignments=N * k,
         dropped_frac=float((~kept).sum() / max(1, N * k)),
@@ -444,7 +461,7 @@ def text_view(trace: RoutingTrace, vocab: Sequence[bytes], layer: int, max_token
                     np.round(probs.astype(np.float64), 4).tolist())
 
 
-def analyze(trace: RoutingTrace, vocab: Sequence[bytes], model: ModelInfo, source: Source,
+def analyze(trace: RoutingTrace, vocab: Sequence[bytes], model: ModelInfo, source: ReportInputs,
             layer: Optional[int] = None, text_tokens: int = 1000, top_n: int = 5) -> RoutingReport:
     """Every statistic of a trace. `layer` (a block index of an MoE layer; default the last one)
     is the layer the text view is coloured by. The text view keeps the first `text_tokens`

@@ -1,0 +1,34 @@
+"""Corpora to token files, and batches from token files.
+
+A data dir comes in one of two layouts; meta.json (written last, so a data dir without it is
+incomplete and never used) says which:
+
+- single (`minideep tokenize FILE`): tokenizer.json, train.bin, val.bin (raw uint16/uint32 tokens,
+  memory-mapped, never loaded whole). Validation = the last val_fraction of the text. Training
+  reads random windows (nanoGPT), the sampler state is a torch.Generator's.
+- shards (many documents: text files, JSONL, parquet, a Hugging Face dataset): tokenizer.json,
+  val_000000.bin, then train_000000.bin, train_000001.bin, ... of shard_tokens tokens each (the
+  last one shorter). Every document is preceded by <|endoftext|>. Validation = the first
+  val_tokens tokens of the stream (by default its first whole documents, about 10%: plan_split).
+  Training reads the train shards sequentially as one stream,
+  the sampler state is a position (shard, offset, epoch).
+
+The modules, in the order data flows through them:
+
+  sources.py  files, folders, JSONL, parquet, a Hugging Face dataset -> documents (Source)
+  encode.py   text -> token arrays, in worker processes for many documents
+  prepare.py  one text -> the single layout; the dtype and output-folder check both layouts share
+  shards.py   many documents -> the sharded layout: the split plan, resumable shard writing
+  loader.py   a data dir -> TokenData, and the samplers that read training batches from it
+
+The names below are the ones the rest of minideep uses, so it imports them from here.
+"""
+
+from .loader import ShardReader, TokenData, get_batch, make_sampler, open_or_none
+from .prepare import bundled_data_dir, split_text, tokenize_text
+from .shards import plan_split, tokenize_source
+from .sources import Source, bundled_corpus, find_files, read_text_file
+
+__all__ = ["ShardReader", "Source", "TokenData", "bundled_corpus", "bundled_data_dir",
+           "find_files", "get_batch", "make_sampler", "open_or_none", "plan_split", "read_text_file",
+           "split_text", "tokenize_source", "tokenize_text"]

@@ -1,0 +1,182 @@
+"""Batches back out of a data dir: open it (checking every file against meta.json) and read
+training batches, as random windows (single layout, nanoGPT's sampler, whose state is a
+torch.Generator's) or as one stream through the train shards (sharded layout, whose state is a
+position: shard, offset, epoch)."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import UserError
+from ..tokenizer import load_tokenizer, token_byte_lengths
+from .prepare import bundled_data_dir
+
+
+@dataclass
+class TokenData:
+    """A tokenized data dir: memory-mapped splits, the tokenizer and the byte counts.
+
+    `train_shards` holds every train file in order (one in the single-file layout); `train` is
+    the first of them, which in the single-file layout is the whole split."""
+
+    dir: Path
+    meta: dict
+    tokenizer_json: str
+    train: np.ndarray
+    val: np.ndarray
+    train_shards: list = field(default_factory=list)
+
+    @property
+    def layout(self) -> str:
+        return self.meta.get("layout", "single")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TokenData":
+        d = Path(path)
+        if not (d / "meta.json").is_file():
+            raise UserError(f"{d} is not a tokenized data dir (no meta.json); run `minideep tokenize` first")
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            dtype = np.dtype(meta["dtype"])
+            tok_json = (d / "tokenizer.json").read_text()
+            load_tokenizer(tok_json, str(d / "tokenizer.json"))  # a damaged one: one clear line now, not later
+            if meta.get("layout", "single") == "shards":
+                files = {"val": [], "train": []}
+                for s in meta["shards"]:
+                    arr = np.memmap(d / s["file"], dtype=dtype, mode="r")
+                    if arr.size != s["tokens"]:
+                        raise UserError(f"data dir {d} is damaged: {s['file']} holds {arr.size} tokens, "
+                                        f"meta.json says {s['tokens']}")
+                    files[s["split"]].append(arr)
+                if len(files["val"]) != 1 or not files["train"]:
+                    raise KeyError("shards")
+                val, shards = files["val"][0], files["train"]
+            else:
+                shards = [np.memmap(d / "train.bin", dtype=dtype, mode="r")]
+                val = np.memmap(d / "val.bin", dtype=dtype, mode="r")
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"data dir {d} is damaged: {e}")
+        if sum(a.size for a in shards) != meta["train_tokens"] or val.size != meta["val_tokens"]:
+            raise UserError(f"data dir {d} is damaged: token counts differ from meta.json")
+        return cls(d, meta, tok_json, shards[0], val, shards)
+
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_json)
+
+    def byte_lengths(self) -> list[int]:
+        return token_byte_lengths(self.tokenizer())
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator) -> tuple:
+    """Random windows (nanoGPT): x = data[i:i+T], y = data[i+1:i+T+1]. -> (B, T) int64 each."""
+    import torch
+
+    n = len(data) - block_size - 1
+    if n <= 0:
+        raise UserError(f"split has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
+    starts = torch.randint(n, (batch_size,), generator=generator).tolist()
+    xy = np.stack([np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts])
+    xy = torch.from_numpy(xy)  # (B, T+1)
+    return xy[:, :-1], xy[:, 1:]
+
+
+class RandomWindows:
+    """The single-file layout's sampler: random windows from one torch.Generator. Under torchrun
+    every rank draws the same world * B windows and keeps its own B rows, so the generator state
+    is the same on every rank and one saved state resumes them all."""
+
+    def __init__(self, data: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
+        import torch
+
+        self.data, self.B, self.T, self.rank, self.world = data, batch_size, block_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple:
+        if self.world == 1:
+            return get_batch(self.data, self.B, self.T, self.generator)
+        x, y = get_batch(self.data, self.world * self.B, self.T, self.generator)
+        rows = slice(self.rank * self.B, (self.rank + 1) * self.B)
+        return x[rows], y[rows]
+
+    def state(self) -> dict:
+        return {"rng_data": self.generator.get_state()}
+
+    def load_state(self, loop: dict) -> None:
+        if "rng_data" not in loop:
+            raise UserError("--resume: the checkpoint read sharded data sequentially; this data dir is a single file")
+        self.generator.set_state(loop["rng_data"])
+
+
+class ShardReader:
+    """The sharded layout's sampler: the train shards read in order as one token stream.
+
+    A micro-step of all ranks takes world * B * T consecutive tokens from the position; rank r
+    reads rows [r*B, (r+1)*B) of it (plus one token for the last target), so the ranks read
+    disjoint parts and together read the stream once, whatever the world size. When what is
+    left of the stream is too short for a micro-step, the epoch ends and reading starts again
+    at the first shard. The position (shard, offset, epoch) is the whole state."""
+
+    def __init__(self, shards: list, batch_size: int, block_size: int, rank: int = 0, world: int = 1):
+        self.shards, self.B, self.T, self.rank, self.world = shards, batch_size, block_size, rank, world
+        self.starts = np.cumsum([0] + [len(s) for s in shards]).tolist()  # global offset of each shard
+        self.total = self.starts[-1]
+        need = world * batch_size * block_size + 1
+        if self.total < need:
+            raise UserError(f"the train split has {self.total:,} tokens, fewer than one micro-step of all ranks "
+                            f"needs ({world} x {batch_size} x {block_size} + 1 = {need:,})")
+        self.pos, self.epoch = 0, 0
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """n tokens of the stream from global offset `start`, across shard boundaries."""
+        out = np.empty(n, dtype=np.int64)
+        k, got = bisect.bisect_right(self.starts, start) - 1, 0
+        while got < n:
+            off = start + got - self.starts[k]
+            piece = self.shards[k][off : off + n - got]
+            out[got : got + len(piece)] = piece
+            got, k = got + len(piece), k + 1
+        return out
+
+    def next_batch(self) -> tuple:
+        import torch
+
+        span = self.B * self.T
+        if self.pos + self.world * span + 1 > self.total:
+            self.pos, self.epoch = 0, self.epoch + 1
+        xy = torch.from_numpy(self.read(self.pos + self.rank * span, span + 1))
+        self.pos += self.world * span
+        return xy[:-1].view(self.B, self.T), xy[1:].view(self.B, self.T)
+
+    def state(self) -> dict:
+        k = bisect.bisect_right(self.starts, self.pos) - 1
+        return {"data_pos": {"shard": k, "offset": self.pos - self.starts[k], "epoch": self.epoch}}
+
+    def load_state(self, loop: dict) -> None:
+        p = loop.get("data_pos")
+        if p is None:
+            raise UserError("--resume: the checkpoint was trained with random windows (single-file data), "
+                            "this data dir is sharded")
+        if not 0 <= p["shard"] < len(self.shards) or not 0 <= p["offset"] <= len(self.shards[p["shard"]]):
+            raise UserError(f"--resume: the checkpoint's data position {p} is outside this data dir's shards")
+        self.pos, self.epoch = self.starts[p["shard"]] + p["offset"], p["epoch"]
+
+
+def make_sampler(data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Random windows for the single-file layout, sequential reading for the sharded one."""
+    if data.layout == "shards":
+        return ShardReader(data.train_shards, batch_size, block_size, rank, world)
+    return RandomWindows(data.train, batch_size, block_size, seed, rank, world)
+
+
+def open_or_none(cfg) -> Optional[TokenData]:
+    """The data a config trained on, if it is on this machine (the bundled corpus always is)."""
+    if not cfg.data.dir:
+        return TokenData.open(bundled_data_dir(cfg.data.vocab_size, cfg.data.val_fraction))
+    return TokenData.open(cfg.data.dir) if (Path(cfg.data.dir) / "meta.json").is_file() else None

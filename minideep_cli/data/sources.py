@@ -1,0 +1,224 @@
+"""Where documents come from: a text file, the bundled corpus, folders of text, JSONL and
+parquet files, or a Hugging Face dataset streamed, all read as (text, fraction read) records."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..errors import UserError
+
+
+def bundled_corpus() -> Path:
+    return Path(str(resources.files("minideep_cli") / "assets" / "tinyshakespeare.txt"))
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text corpus, refusing missing, empty and binary files with one clear line."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"file not found: {p}")
+    if p.is_dir():
+        raise UserError(f"expected a text file, got a directory: {p}")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise UserError(f"file is empty: {p}")
+    return _text_document(p, raw)
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "text"
+
+
+def find_files(paths: list) -> list[Path]:
+    """The files behind the given paths; a folder stands for its text, JSONL and parquet files
+    (recursively, in sorted order). Missing paths and folders with nothing to read are errors."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise UserError(f"file not found: {p}")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and f.name.lower().endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES))
+            if not found:
+                raise UserError(f"{p} holds no .txt, .jsonl or .parquet files")
+            files.extend(found)
+        else:
+            files.append(p)
+    if not files:
+        raise UserError("no input files given")
+    return files
+
+
+def _sha256(p: Path) -> str:
+    """A file's content fingerprint: an edit that keeps its size changes it."""
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _text_document(p: Path, raw: Optional[bytes] = None) -> str:
+    """The UTF-8 text of a file, refusing binary files and invalid UTF-8 with one clear line."""
+    raw = p.read_bytes() if raw is None else raw
+    if b"\x00" in raw[:1 << 20]:
+        raise UserError(f"{p} looks like a binary file, not UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not valid UTF-8 text (byte {e.start})")
+
+
+def _jsonl_records(p: Path, column: str, skip: int) -> Iterator[tuple[str, float]]:
+    size = max(1, p.stat().st_size)
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    with opener(p, "rb") as f:
+        n = 0
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n += 1
+            if n <= skip:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{p}:{line_no} is not valid JSON: {e}")
+            if not isinstance(row, dict) or column not in row:
+                raise UserError(f"{p}:{line_no} has no '{column}' field (choose one with --text-column)")
+            text = row[column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{p}:{line_no}: '{column}' is not a string")
+            pos = f.tell() if opener is open else f.fileobj.tell()  # compressed offset for .gz
+            yield text or "", min(1.0, pos / size)
+
+
+def _parquet_records(p: Path, column: str, skip: int) -> Iterator[tuple[str, float]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading parquet needs pyarrow: pip install 'minideep[data]'")
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as e:  # pyarrow raises its own error types for damaged files
+        raise UserError(f"{p} is not a readable parquet file: {str(e).splitlines()[0]}")
+    if column not in pf.schema_arrow.names:
+        raise UserError(f"{p} has no column '{column}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "choose one with --text-column")
+    kind = pf.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise UserError(f"{p}: column '{column}' holds {kind}, not text; choose another with --text-column")
+    total = max(1, pf.metadata.num_rows)
+    done = 0
+    for g in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(g).num_rows
+        if done + rows <= skip:  # resume: whole row groups are skipped without reading them
+            done += rows
+            continue
+        for batch in pf.iter_batches(batch_size=1024, row_groups=[g], columns=[column]):
+            for text in batch.column(0).to_pylist():
+                done += 1
+                if done > skip:
+                    yield text or "", done / total
+
+
+@dataclass
+class Source:
+    """Where documents come from: local files (a text file is one document, a JSONL line or a
+    parquet row is one) or a Hugging Face dataset, streamed. Records are counted, empty ones
+    included, so a position in the stream is a record count."""
+
+    files: list[Path] = field(default_factory=list)
+    dataset: str = ""  # a Hugging Face dataset name or a local dataset folder
+    name: Optional[str] = None  # the dataset's configuration, e.g. sample-10BT
+    split: str = "train"
+    text_column: str = "text"
+
+    def describe(self) -> dict:
+        if self.dataset:
+            return {"dataset": self.dataset, "name": self.name, "split": self.split, "text_column": self.text_column}
+        return {"files": [[str(f.resolve()), f.stat().st_size, _sha256(f)] for f in self.files],
+                "text_column": self.text_column}
+
+    def label(self) -> str:
+        if self.dataset:
+            return self.dataset + (f" ({self.name})" if self.name else "")
+        return str(self.files[0]) + (f" and {len(self.files) - 1} more" if len(self.files) > 1 else "")
+
+    def records(self, skip: int = 0) -> Iterator[tuple[str, Optional[float]]]:
+        """(text, fraction of the source read so far or None) for every record after `skip`."""
+        if self.dataset:
+            yield from self._hf_records(skip)
+            return
+        sizes = [max(1, f.stat().st_size) for f in self.files]
+        total, before, seen = sum(sizes), 0, 0  # seen: records passed over while skipping
+        for f, size in zip(self.files, sizes):
+            kind = _kind(f)
+            if seen < skip:
+                n = 1 if kind == "text" else _count_records(f, kind, self.text_column)
+                if seen + n <= skip:  # the whole file lies before the resume point
+                    seen, before = seen + n, before + size
+                    continue
+            local_skip, seen = max(0, skip - seen), max(seen, skip)
+            if kind == "text":
+                yield _text_document(f), (before + size) / total
+            else:
+                reader = _parquet_records if kind == "parquet" else _jsonl_records
+                for text, frac in reader(f, self.text_column, local_skip):
+                    yield text, (before + size * frac) / total
+            before += size
+
+    def _hf_records(self, skip: int) -> Iterator[tuple[str, Optional[float]]]:
+        try:
+            import datasets
+        except ImportError:
+            raise UserError("--dataset needs the optional `datasets` package: pip install 'minideep[hf]'")
+        try:
+            ds = datasets.load_dataset(self.dataset, name=self.name, split=self.split, streaming=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"cannot open dataset {self.dataset}: {str(e).splitlines()[0]}")
+        total = None
+        try:
+            total = ds.info.splits[self.split].num_examples or None
+        except (AttributeError, KeyError, TypeError):
+            pass
+        if skip:
+            ds = ds.skip(skip)
+        n = skip
+        for row in ds:
+            if self.text_column not in row:
+                raise UserError(f"dataset {self.dataset} has no column '{self.text_column}' "
+                                f"(columns: {', '.join(row)}); choose one with --text-column")
+            n += 1
+            yield row[self.text_column] or "", (n / total if total else None)
+
+
+def _count_records(path: Path, kind: str, column: str) -> int:
+    """Records in a JSONL or parquet file (used when a resume skips the whole file)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
