@@ -126,152 +126,21 @@ def tokenize(
     then [bold]minideep train --data data/mytext[/bold] ·
     [bold]minideep tokenize --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --vocab-size 32768 --out data/fineweb[/bold]
     """
-    import os
+    from .prepare import tokenize_corpus
+    from .views.tokenize import TokenizeView, tokenize_summary
 
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    from .data import (Source, bundled_corpus, find_files, read_text_file, tokenize_source, tokenize_text)
-
-    if vocab_size < 257:
-        raise UserError("--vocab-size must be at least 257 (256 bytes + <|endoftext|>)")
-    if not 0 < val_fraction < 1:
-        raise UserError("--val-fraction must be between 0 and 1")
-    if dataset and files:
-        raise UserError("give input files or --dataset, not both")
-    sharding = (shard_tokens, val_tokens, tokenizer_sample_bytes, max_tokens)
-    paths = find_files(files) if files else []
-    single = not dataset and len(paths) <= 1 and all(v is None for v in sharding) and not (
-        paths and (files[0].is_dir() or paths[0].name.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet"))))
-    if single:
-        src = paths[0] if paths else bundled_corpus()
-        text = read_text_file(src)
-        with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
-                      TimeRemainingColumn(), transient=True) as bar:
-            task = bar.add_task("encoding", total=len(text))
-            meta = tokenize_text(text, out, vocab_size, val_fraction, str(src),
-                                 progress=lambda done, total: bar.update(task, completed=done), force=force)
-        print(f"wrote {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens "
-              f"({meta['train_bytes']:,} bytes), val {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes)")
-        return
-
-    source = Source(files=paths, dataset=dataset or "", name=name, split=split, text_column=text_column)
-    if workers is not None and workers < 1:
-        raise UserError("--workers must be at least 1")
-    for opt, v in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens),
-                   ("--tokenizer-sample-bytes", tokenizer_sample_bytes), ("--max-tokens", max_tokens)):
-        if v is not None and v <= 0:
-            raise UserError(f"{opt} must be positive")
-    first: dict = {}
-
-    def show(info: dict) -> None:
-        if info["phase"] == "tokenizer":
-            bar.update(task, info=f"training the tokenizer on up to {info['bytes'] / 1e6:,.0f} MB of text")
-        elif info["phase"] == "encode":
-            el, f = info["elapsed"], info["fraction"]
-            text = (f"{info['documents']:,} docs  {info['tokens']:,} tokens  "
-                    f"{info['bytes'] / 1e6 / max(el, 1e-9):,.1f} MB/s")
-            first.setdefault("f", f or 0.0)
-            first.setdefault("t", el)
-            if f and f > first["f"] and el > first["t"]:
-                eta = (1 - f) * (el - first["t"]) / (f - first["f"])
-                text += f"  ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta < 86400 else f'{eta / 86400:.1f} days'}"
-            bar.update(task, completed=1000 * f if f else 0, info=text)
-
-    with Progress(TextColumn("[bold]tokenize"), BarColumn(), TextColumn("{task.fields[info]}"), transient=True) as bar:
-        task = bar.add_task("tokenize", total=1000, info="reading")
-        meta = tokenize_source(
-            source, out, vocab_size,
-            shard_tokens=shard_tokens, val_tokens=val_tokens,
-            tokenizer_sample_bytes=tokenizer_sample_bytes or 100_000_000, max_tokens=max_tokens or 0,
-            workers=workers or max(1, (os.cpu_count() or 2) - 1), progress=show, force=force)
-    print(split_summary(out, meta))
-
-
-def split_summary(out: Path, meta: dict) -> str:
-    """What a sharded tokenize wrote, and how its split and shard size were chosen."""
-    settings, total = meta["settings"], meta["train_tokens"] + meta["val_tokens"]
-    n_train = sum(1 for s in meta["shards"] if s["split"] == "train")
-    val_docs = meta.get("val_documents", 0)
-    how = ("--val-tokens" if settings["val_tokens"] else
-           "the default: the first whole documents, about 10% of the tokens, at most 10,000,000")
-    if meta.get("val_cut"):
-        how += "; its last document is cut and goes on in train"
-    shard_how = "--shard-tokens" if settings["shard_tokens"] else "the default: a quarter of train, at most 100,000,000"
-    return (f"wrote {out}: vocab {meta['vocab_size']}, {meta['documents']:,} documents, {total:,} tokens\n"
-            f"  validation: {val_docs:,} documents, {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes), "
-            f"{meta['val_tokens'] / total:.1%} ({how})\n"
-            f"  train: {meta['documents'] - val_docs:,} documents, {meta['train_tokens']:,} tokens "
-            f"({meta['train_bytes']:,} bytes) in {n_train} shards of up to "
-            f"{meta.get('shard_tokens', settings['shard_tokens']):,} ({shard_how})")
+    view = TokenizeView()
+    try:
+        meta = tokenize_corpus(out, files, dataset, vocab_size, val_fraction, view, name=name, split=split,
+                               text_column=text_column, shard_tokens=shard_tokens, val_tokens=val_tokens,
+                               tokenizer_sample_bytes=tokenizer_sample_bytes, max_tokens=max_tokens, workers=workers,
+                               force=force)
+    finally:
+        view.close()
+    print(tokenize_summary(out, meta))
 
 
 # ---------------------------------------------------------------- train
-
-
-def auto_preset() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "a100" if torch.cuda.get_device_properties(0).total_memory >= 30e9 else "rtx3060"
-    return "cpu"
-
-
-class TrainView:
-    """Renders training events: a rich progress bar with loss and ETA, and one line per eval."""
-
-    def __init__(self, console):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.console = console
-        self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, transient=False,
-        )
-        self.task = None
-        self.tok_task = None
-
-    def __call__(self, kind: str, info: dict):
-        c = self.console
-        if kind == "tokenize":
-            if self.tok_task is None:
-                self.bar.start()
-                self.tok_task = self.bar.add_task("tokenize", total=info["total"], info="tokenizing the bundled corpus")
-            self.bar.update(self.tok_task, completed=info["done"])
-        elif kind == "start":
-            if self.tok_task is not None:
-                self.bar.remove_task(self.tok_task)
-            budget = []
-            if info["max_steps"]:
-                budget.append(f"{info['max_steps']} steps")
-            if info["max_minutes"]:
-                budget.append(f"{info['max_minutes']:g} min")
-            c.print(f"run dir {info['run_dir']}  device {info['device']} ({info['dtype']})  "
-                    f"params {info['params'] / 1e6:.2f}M (active {info['active_params'] / 1e6:.2f}M)  "
-                    f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}"
-                    + (f"  {info['world']} ranks ({info['distributed']})" if info.get("world", 1) > 1 else ""))
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=1000, info="")
-        elif kind == "step":
-            text = f"step {info['step']}  loss {info['loss']:.3f}  lr {info['lr']:.1e}  {info['tokens_per_sec']:,.0f} tok/s"
-            if "imbalance" in info:
-                text += f"  imb {info['imbalance']:.2f}"
-            self.bar.update(self.task, completed=min(1000, 1000 * info["progress"]), info=text)
-        elif kind == "eval":
-            mark = " *" if info["best"] else ""
-            c.print(f"step {info['step']:>6}  val loss {info['loss']:.4f}  val bpb {info['bpb']:.4f}{mark}")
-        elif kind == "diverged":
-            kept = "The last good checkpoint is intact" if info["saved"] else "No checkpoint had been saved yet"
-            c.print(f"[red]loss became {info['loss']} at step {info['step']}; stopped. {kept}; try a lower train.lr "
-                    "or train.muon_lr.[/red]", soft_wrap=True)  # one line, whatever the terminal's width
-        elif kind == "final_eval":
-            self.bar.stop()
-            c.print("evaluating on the full validation split ...")
-        elif kind == "note":
-            c.print(f"note: {info['text']}")
-
-    def close(self):
-        self.bar.stop()
 
 
 @app.command()
@@ -296,65 +165,33 @@ def train(
     [bold]minideep train --resume --out runs/big -o train.max_steps=20000[/bold] ·
     [bold]torchrun --nproc_per_node=4 -m minideep_cli train --data data/fineweb -o train.distributed=fsdp[/bold]
     """
-    from .checkpoint import load_checkpoint, newest_run
-    from .config import Config, moe_only_keys, parse_override, resolve_config, set_value, validate
-    from .train import train as run_train
+    from .config import resolve_config
+    from .device import default_preset
+    from .train import resume_config, train as run_train
+    from .views.train import TrainView, render_result
 
-    overrides = list(override or [])
+    overrides, ckpt = list(override or []), None
     if resume:
         given = [flag for flag, v in (("--preset", preset), ("--config", config), ("--arch", arch)) if v is not None]
         if given:
             raise UserError(f"--resume continues the run's saved config: {', '.join(given)} cannot change it "
                             "(-o train.KEY=VALUE can, e.g. -o train.max_steps=20000)")
-        run_dir = out or newest_run()
-        if run_dir is None:
-            raise UserError("--resume: no run to resume under ./runs; give --out RUN_DIR")
-        cfg = Config.from_dict(load_checkpoint(Path(run_dir) / "last.pt")["config"]) if (Path(run_dir) / "last.pt").is_file() \
-            else None
-        if cfg is None:
-            raise UserError(f"--resume: no last.pt in {run_dir}")
-        for o in overrides:
-            k, v = parse_override(o)
-            if cfg.model.arch == "gpt2" and k in [f"model.{m}" for m in moe_only_keys()]:
-                raise UserError(f"{k} is a moe-arch setting (gpt2 does not use it); this run is gpt2")
-            set_value(cfg, k, v, "overrides")
-        if data:
-            cfg.data.dir = str(data)
-        validate(cfg)
+        run_dir, cfg, ckpt = resume_config(out, overrides, data)
     else:
-        cfg = resolve_config(preset if preset is not None else (None if config else auto_preset()),
-                             str(config) if config else None,
-                             overrides, arch)
+        cfg = resolve_config(default_preset(preset, config), str(config) if config else None, overrides, arch)
         if data:
             cfg.data.dir = str(data)
         run_dir = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.arch}"
-
     console = _console()
     view = TrainView(console)
     try:
-        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force)
+        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt)
     finally:
         view.close()
-    interrupted = 128 + (result.signal or 2)  # as a shell reports a process a signal ended: 130 SIGINT, 143 SIGTERM
-    if not result.main:  # torchrun: rank 0 reports for every rank
-        if result.stopped != "done":
-            raise typer.Exit(1 if result.stopped == "diverged" else interrupted)
-        return
-    if result.stopped == "interrupted":
-        console.print(f"stopped at step {result.step}; saved {result.run_dir / 'last.pt'} "
-                      f"(continue with: minideep train --resume --out {result.run_dir})")
-        raise typer.Exit(interrupted)
-    if result.stopped == "diverged":
-        raise typer.Exit(1)
-    v = result.val
-    console.print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed / 60:.1f} min")
-    which = f"best checkpoint, step {result.val_step}" if result.val_step != result.step else f"step {result.step}"
-    console.print(f"[bold]val bits per byte {v['bpb']:.4f}[/bold]  ({which}; loss {v['loss']:.4f} nats/token, "
-                  f"perplexity {v['perplexity']:.2f}, {v['tokens']:,} tokens)")
-    console.print(f"checkpoints: {result.run_dir / 'best.pt'}, {result.run_dir / 'last.pt'}")
-    if result.sample:
-        console.print("[bold]sample:[/bold]")
-        console.print(result.sample, markup=False)
+    if result.main:  # under torchrun, rank 0 reports for every rank
+        render_result(console, result)
+    if result.stopped != "done":  # as a shell reports a process a signal ended: 130 SIGINT, 143 SIGTERM
+        raise typer.Exit(1 if result.stopped == "diverged" else 128 + (result.signal or 2))
 
 
 # ---------------------------------------------------------------- eval
@@ -377,42 +214,14 @@ def eval_cmd(
     """
     import json
 
-    import numpy as np
+    from .inference import evaluate_checkpoint
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-    from .data import TokenData, open_or_none, read_text_file
-    from .evaluate import evaluate_tokens
-    from .tokenizer import load_tokenizer, split_chunks, token_byte_lengths
-    from .train import pick_device, pick_dtype
-
-    if text and data:
-        raise UserError("give --text or --data, not both")
-    path = resolve_checkpoint(str(ckpt))
-    state = load_checkpoint(path)
-    dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev, path)
-    tok = load_tokenizer(state["tokenizer"])
-    if text:
-        body = read_text_file(text)
-        tokens = np.asarray([i for c in split_chunks(body, 1 << 20) for i in tok.encode(c).ids], dtype=np.int64)
-        source = str(text)
-    else:
-        dd = TokenData.open(data) if data else open_or_none(cfg)
-        if dd is None:
-            raise UserError("the checkpoint's training data is not on this machine; give --text or --data")
-        if dd.tokenizer_json != state["tokenizer"]:
-            raise UserError(f"{dd.dir} was tokenized with another tokenizer than this checkpoint's")
-        tokens, source = dd.val, f"{dd.dir} (val)"
-    if len(tokens) < 2:
-        raise UserError("the text is too short to evaluate (fewer than 2 tokens)")
-    res = evaluate_tokens(model, tokens, token_byte_lengths(tok), cfg.model.block_size,
-                          batch_size=8, device=dev, dtype=pick_dtype(cfg.train.dtype, dev))
-    res.update({"checkpoint": str(path), "source": source, "step": state["loop"]["step"]})
+    res = evaluate_checkpoint(ckpt, text, data, device)
     if json_out:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{path} on {source}: loss {res['loss']:.4f} nats/token  perplexity {res['perplexity']:.2f}  "
-              f"bits per byte {res['bpb']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+        print(f"{res['checkpoint']} on {res['source']}: loss {res['loss']:.4f} nats/token  "
+              f"perplexity {res['perplexity']:.2f}  bits per byte {res['bpb']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
 
 
 # ---------------------------------------------------------------- sample
@@ -447,24 +256,20 @@ def sample(
 
     import torch
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
     from .config import SampleConfig, validate_sample
     from .generate import generate
-    from .tokenizer import load_tokenizer, token_bytes
-    from .train import pick_device
+    from .inference import load_for_inference
+    from .tokenizer import token_bytes
 
     validate_sample(SampleConfig(prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples),
                     lambda name: "--" + name.replace("_", "-"))
-    path = resolve_checkpoint(str(ckpt) if ckpt else None)
-    state = load_checkpoint(path)
-    dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev, path)
-    tok = load_tokenizer(state["tokenizer"])
-    pieces = token_bytes(tok)
-    prompt_ids = tok.encode(prompt).ids
+    lo = load_for_inference(ckpt, device)
+    model, dev = lo.model, lo.device
+    pieces = token_bytes(lo.tokenizer)
+    prompt_ids = lo.tokenizer.encode(prompt).ids
     g = torch.Generator(device=dev).manual_seed(seed)
     if show_routing or plain:
-        return _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_samples, plain,
+        return _sample_routing(model, lo.config, pieces, prompt, prompt_ids, max_new_tokens, num_samples, plain,
                                dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
                                     use_cache=not no_cache, device=dev))
     for n in range(num_samples):
@@ -483,14 +288,13 @@ def _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_
     import codecs
 
     from .generate import generate_steps
-    from .models.transformer import is_moe_layer
+    from .inference import has_experts, moe_layers
     from .routing import summarize_step, vocab_texts
     from .views.live import LivePanel, plain_line
 
     vocab_text = vocab_texts(pieces)
-    moe = cfg.model.arch == "moe"
+    moe = has_experts(cfg.model)
     n_experts = cfg.model.n_experts if moe else 0
-    moe_layers = [i for i in range(cfg.model.n_layer) if moe and is_moe_layer(cfg.model, i)]
     note = None if moe else (
         f"{cfg.model.arch} is a dense model: it has no experts to route to, so only the text and the "
         "predictions are shown")
@@ -510,7 +314,7 @@ def _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_
             continue
         from rich.live import Live
 
-        panel = LivePanel(prompt, vocab_text, moe_layers, n_experts, max_new_tokens, note)
+        panel = LivePanel(prompt, vocab_text, moe_layers(cfg.model), n_experts, max_new_tokens, note)
         if num_samples > 1:
             console.print(f"--- sample {n + 1}")
         with Live(panel, console=console, refresh_per_second=4, transient=False):
@@ -549,14 +353,8 @@ def inspect_routing(
         if text or prompt or html or layer is not None:
             raise UserError("--history reads the training logs; it takes no --text, --prompt, --layer or --html")
         return _routing_history(ckpt, json_out)
-    import numpy as np
-
-    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-    from .data import open_or_none, read_text_file
-    from .models.transformer import is_moe_layer
-    from .routing import Source, analyze, collect_routing, model_info
-    from .tokenizer import load_tokenizer, split_chunks, token_bytes
-    from .train import pick_device, pick_dtype
+    from .inference import route_checkpoint
+    from .views.progress import TokenBar
     from .views.terminal import render_report
 
     if text and prompt is not None:
@@ -566,45 +364,12 @@ def inspect_routing(
     for out in (json_out, html):
         if out is not None:
             writable(out)
-    path = resolve_checkpoint(str(ckpt) if ckpt else None)
-    state = load_checkpoint(path)
-    dev = pick_device(device, "--device")
-    model, cfg = model_from_checkpoint(state, dev, path)
-    moe_blocks = [i for i in range(cfg.model.n_layer) if cfg.model.arch == "moe" and is_moe_layer(cfg.model, i)]
-    if not moe_blocks:
-        raise UserError(f"{path} is a dense {cfg.model.arch} model with no experts: there is no routing to inspect "
-                        "(sample --show-routing shows its predictions)")
-    if layer is not None and layer not in moe_blocks:
-        raise UserError(f"--layer {layer} is not an MoE layer; the MoE layers are {', '.join(map(str, moe_blocks))}")
-    tok = load_tokenizer(state["tokenizer"])
-    if text or prompt is not None:
-        body = read_text_file(text) if text else prompt
-        ids = []
-        for chunk in split_chunks(body, 1 << 16):  # stop encoding once there are enough tokens
-            ids += tok.encode(chunk).ids
-            if len(ids) > max_tokens:
-                break
-        source = str(text) if text else "--prompt"
-    else:
-        dd = open_or_none(cfg)
-        if dd is None:
-            raise UserError("the checkpoint's training data is not on this machine; give --text or --prompt")
-        if dd.tokenizer_json != state["tokenizer"]:
-            raise UserError(f"{dd.dir} was tokenized with another tokenizer than this checkpoint's")
-        ids, source = dd.val, f"{dd.dir} (validation split)"
-    if len(ids) == 0:
-        raise UserError("the text is empty: nothing to route")
-    tokens = np.asarray(ids[:max_tokens], dtype=np.int64)
-    if len(ids) > max_tokens:
-        source += f", first {max_tokens:,} tokens"
     console = _console()
-    progress = _progress_bar("routing")
-    with progress:
-        task = progress.add_task("routing", total=len(tokens))
-        trace = collect_routing(model, tokens, dev, dtype=pick_dtype(cfg.train.dtype, dev),
-                                progress=lambda done, total: progress.update(task, completed=done))
-    report = analyze(trace, token_bytes(tok), model_info(cfg, moe_blocks),
-                     Source(str(path), source, len(tokens)), layer)
+    bar = TokenBar("routing")
+    try:
+        report = route_checkpoint(ckpt, text, prompt, layer, max_tokens, device, progress=bar)
+    finally:
+        bar.close()
     render_report(console, report)
     if json_out:
         import json
@@ -632,14 +397,6 @@ def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
         import json
 
         write_file(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
-
-
-def _progress_bar(what: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(f"[bold]{what}", BarColumn(), MofNCompleteColumn(), "tokens", TimeElapsedColumn(), "eta",
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
 
 
 @app.command()
@@ -674,48 +431,21 @@ def bench(
     """
     import torch
 
-    from .bench import DEFAULT_SECTIONS, BenchOptions, bench_config, json_safe, parse_bytes, run_bench
-    from .config import moe_only_keys, resolve_config
+    from .bench import json_safe, run_bench
+    from .bench_plan import bench_plan
     from .views.bench import render_bench
 
-    overrides = list(override or [])
-    if attention:
-        overrides.append(f"model.attention={attention}")
     if threads is not None:
         if threads < 1:
             raise UserError("--threads must be at least 1")
         torch.set_num_threads(threads)
     if json_file:
         writable(json_file)
-    if estimate_memory and ((section and set(section) != {"memory"}) or vs or compare_hf):
-        raise UserError("--estimate-memory predicts memory alone: drop it, or drop -s, --vs and --compare-hf")
-    name = preset if preset is not None else (None if config else auto_preset())
-    cfg = bench_config(resolve_config(name, str(config) if config else None, overrides, arch))
-    if any(not v.split() for v in vs or []):
-        raise UserError("--vs needs one or more section.key=value overrides, e.g. --vs model.dropout=0")
-    variants = {v: bench_config(resolve_config(name, str(config) if config else None, overrides + v.split(), arch))
-                for v in vs or []}
-    sections = tuple(section or (("memory",) if estimate_memory else DEFAULT_SECTIONS))
-    if compare_hf and "peers" not in sections:
-        sections += ("peers",)
-    if "peers" in sections:  # checked before the other sections run, not after
-        import importlib.util
-
-        if importlib.util.find_spec("transformers") is None:
-            raise UserError("--compare-hf needs Hugging Face transformers: pip install transformers")
-    if variants and "train" not in sections:
-        sections = ("train",) + sections
-    opts = BenchOptions.for_run(quick, sections, device_memory=parse_bytes(device_memory) if device_memory else None,
-                                measure_memory=not estimate_memory)
-    peer_cfgs = None
-    if "peers" in sections:  # both arches of the preset: GPT2LMHeadModel and MixtralForCausalLM
-        peer_cfgs = {a: bench_config(resolve_config(name, str(config) if config else None, overrides if a == cfg.model.arch
-                                                    else [o for o in overrides if o.partition("=")[0].strip()
-                                                          not in [f"model.{k}" for k in moe_only_keys()]], a))
-                     for a in ("gpt2", "moe")}
+    overrides = list(override or []) + ([f"model.attention={attention}"] if attention else [])
+    plan = bench_plan(preset, config, arch, overrides, section, quick, estimate_memory, device_memory, compare_hf, vs)
     console = _console()
-    result = run_bench(cfg, opts, name, peer_cfgs, on_event=lambda text: console.print(f"[dim]{text}[/dim]"),
-                       variants=variants)
+    result = run_bench(plan.cfg, plan.opts, plan.preset, plan.peers,
+                       on_event=lambda text: console.print(f"[dim]{text}[/dim]"), variants=plan.variants)
     render_bench(console, result)
     if json_file:
         write_file(json_file, json_safe(result))

@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
+def bits_per_byte(nll: float, n_bytes: float) -> float:
+    """Summed token NLL in nats over the UTF-8 bytes of those tokens, in bits (nan for no bytes)."""
+    return nll / (math.log(2) * n_bytes) if n_bytes else float("nan")
+
+
 def autocast_for(device: str, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -76,7 +81,7 @@ def evaluate_tokens(
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "bpb": nll_f / (math.log(2) * bytes_f) if bytes_f else float("nan"),
+        "bpb": bits_per_byte(nll_f, bytes_f),
         "tokens": count_i,
         "bytes": int(bytes_f),
     }

@@ -19,15 +19,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import check_weights, load_checkpoint, save_checkpoint
-from .config import Config, to_yaml
+from .checkpoint import check_weights, load_checkpoint, newest_run, save_checkpoint
+from .config import Config, moe_only_keys, parse_override, set_value, to_yaml, validate
 from .data import TokenData, bundled_data_dir, get_batch, make_sampler
+from .device import cpu_flags, cpu_info, cpu_native_bf16, pick_device, pick_dtype  # noqa: F401 (bench imports some from here)
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
 from .errors import UserError
-from .evaluate import autocast_for, evaluate_tokens, nll_and_bytes
+from .evaluate import autocast_for, bits_per_byte, evaluate_tokens, nll_and_bytes
 from .files import remove_stale_temps
 from .generate import generate
+from .inference import has_experts
 from .models import build_model
 from .optim import lr_at, make_optimizer, run_progress, set_lr
 
@@ -48,56 +50,6 @@ class TrainResult:
     best_val_loss: float = float("inf")
     val_step: int = 0  # the step whose weights `val` measures (the best checkpoint's, if earlier)
     main: bool = True  # False on torchrun ranks other than 0 (they report nothing)
-
-
-def pick_device(name: str, option: str = "train.device") -> str:
-    """auto (CUDA when there is one, else CPU), or the device named; `option` names the setting
-    in messages."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{option}: unknown device '{name}'; use auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{option}={name} but CUDA is not available")
-    return name
-
-
-def cpu_info() -> dict[str, str]:
-    """The first CPU's fields as Linux lists them in /proc/cpuinfo ("flags", "vendor_id", "cpu
-    family", ...); empty elsewhere."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():  # the end of the first CPU's block
-                    break
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
-def cpu_flags(info: dict[str, str] | None = None) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
-    return set((cpu_info() if info is None else info).get("flags", "").split())
-
-
-def cpu_native_bf16(flags: set[str] | None = None) -> bool:
-    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16): there bf16 matrix
-    products are faster than fp32; elsewhere bf16 is emulated and slower."""
-    flags = cpu_flags() if flags is None else flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 autocast on CUDA, fp32 on CPU. Even with native bf16 the cpu preset's moe model
-    trained worse in bf16 (2.161 against 2.144 bits per byte in the same 9.5 minutes)."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def open_data(cfg: Config, progress=None) -> TokenData:
@@ -152,13 +104,60 @@ def routing_summary(loads: list[torch.Tensor]) -> float:
     return max((l.max() / l.float().mean().clamp_min(1e-9)).item() for l in loads) if loads else 0.0
 
 
+@dataclass
+class RunState:
+    """Where the run stands: what each step changes, and what a checkpoint's `loop` records."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds of training, those of the processes before a resume included
+    best_val: float = float("inf")  # the lowest periodic validation loss (best.pt's)
+    last_val: float = float("inf")  # the latest periodic validation loss
+    stopped: str = "done"  # "done", "interrupted", "diverged"
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step leaves for logging."""
+
+    lr: float  # AdamW's, as logged; Muon's follows the same schedule
+    grad_norm: torch.Tensor  # before clipping
+    aux: dict  # the model's aux of the step's last micro-batch
+    aux_loss: torch.Tensor  # the balancing loss, mean over the micro-batches
+    loads: Optional[list[torch.Tensor]]  # tokens per expert of each MoE layer, summed over the step (and ranks)
+
+
+def resume_config(run_dir: Optional[Path], overrides: list[str], data_dir: Optional[Path] = None
+                  ) -> tuple[Path, Config, dict]:
+    """--resume: the run dir (default: the newest run), its saved config with the -o overrides
+    applied, and its last.pt, read once here and handed to train(checkpoint=...)."""
+    run_dir = run_dir or newest_run()
+    if run_dir is None:
+        raise UserError("--resume: no run to resume under ./runs; give --out RUN_DIR")
+    run_dir = Path(run_dir)
+    if not (run_dir / "last.pt").is_file():
+        raise UserError(f"--resume: no last.pt in {run_dir}")
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    cfg = Config.from_dict(ckpt["config"])
+    for o in overrides:
+        k, v = parse_override(o)
+        if not has_experts(cfg.model) and k in [f"model.{m}" for m in moe_only_keys()]:
+            raise UserError(f"{k} is a moe-arch setting (gpt2 does not use it); this run is {cfg.model.arch}")
+        set_value(cfg, k, v, "overrides")
+    if data_dir:
+        cfg.data.dir = str(data_dir)
+    validate(cfg)
+    return run_dir, cfg, ckpt
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None,
-          force: bool = False) -> TrainResult:
+          force: bool = False, checkpoint: Optional[dict] = None) -> TrainResult:
     """Train (or with resume, continue the run in run_dir exactly); one process, or one rank of
-    a torchrun job. A new run needs an empty or missing run_dir (any folder with force)."""
+    a torchrun job. A new run needs an empty or missing run_dir (any folder with force). On
+    resume, `checkpoint` is run_dir's last.pt when the caller has read it already."""
     d, device = setup(pick_device(cfg.train.device), cfg.train.distributed)
     try:
-        return _train(cfg, Path(run_dir), resume, on_event, d, device, force)
+        return _train(cfg, Path(run_dir), resume, on_event, d, device, force, checkpoint)
     finally:
         teardown(d)
 
@@ -173,15 +172,8 @@ def _open_data_once(cfg: Config, d: Dist, emit: Event) -> TokenData:
     return open_data(cfg, progress)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], d: Dist, device: str,
-           force: bool = False) -> TrainResult:
-    emit = (on_event or (lambda kind, info: None)) if d.main else (lambda kind, info: None)
-    t = cfg.train
-    dtype = pick_dtype(t.dtype, device)
-    if dtype == torch.bfloat16 and device == "cpu" and not cpu_native_bf16():
-        emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
-
-    ckpt = None
+def _check_run_dir(run_dir: Path, resume: bool, force: bool, d: Dist, checkpoint: Optional[dict]) -> Optional[dict]:
+    """A new run needs an empty run dir (any with force); a resumed one, its last.pt, returned."""
     if d.main and run_dir.is_dir():
         remove_stale_temps(run_dir)  # checkpoints a killed process was writing
     if not resume and (run_dir / "last.pt").exists() and not force:
@@ -190,228 +182,299 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
         names = sorted(p.name for p in run_dir.iterdir())
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise UserError(f"{run_dir} is not empty (it holds {shown}); choose another --out, or --force to write there")
+    ckpt = None
     if resume:
-        ckpt_path = run_dir / "last.pt"
-        if not ckpt_path.is_file():
+        if checkpoint is None and not (run_dir / "last.pt").is_file():
             raise UserError(f"--resume: no last.pt in {run_dir}")
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / "last.pt")
     barrier(d)  # every rank has checked run_dir before rank 0 writes into it
+    return ckpt
 
-    data = _open_data_once(cfg, d, emit)
+
+def _fit_data(cfg: Config, data: TokenData, ckpt: Optional[dict]) -> None:
+    """The model's vocabulary is the data's; both splits must hold a window (checked before
+    anything is written into the run dir); a resumed run must read the same tokenizer."""
     if ckpt is not None and ckpt["tokenizer"] != data.tokenizer_json:
         raise UserError("--resume: the data's tokenizer differs from the checkpoint's")
     cfg.model.vocab_size = data.meta["vocab_size"]
-    byte_lengths = data.byte_lengths()
-    B, T, A = t.batch_size, cfg.model.block_size, t.grad_accum
+    T = cfg.model.block_size
     for split, n in (("train", sum(len(s) for s in data.train_shards)), ("val", len(data.val))):
-        if n < T + 2:  # checked before anything is written into the run dir
+        if n < T + 2:
             raise UserError(f"the data's {split} split holds {n} tokens, fewer than model.block_size + 2 = {T + 2}; "
                             "use more text or a smaller model.block_size")
 
-    if ckpt is not None:
-        check_weights(cfg.model, ckpt["model"], f"--resume: {run_dir / 'last.pt'}")
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model)
-    step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, float("inf")
-    last_val = float("inf")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model = model.to(device)
-    model.grad_checkpointing = t.grad_checkpointing
-    wrapped = wrap(model, d, device)
-    optimizer = make_optimizer(model, cfg, device)
-    sampler = make_sampler(data, B, T, t.seed, d.rank, d.world)
-    if ckpt is not None:
+
+def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], d: Dist, device: str,
+           force: bool = False, checkpoint: Optional[dict] = None) -> TrainResult:
+    emit = (on_event or (lambda kind, info: None)) if d.main else (lambda kind, info: None)
+    if pick_dtype(cfg.train.dtype, device) == torch.bfloat16 and device == "cpu" and not cpu_native_bf16():
+        emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
+    ckpt = _check_run_dir(run_dir, resume, force, d, checkpoint)
+    data = _open_data_once(cfg, d, emit)
+    _fit_data(cfg, data, ckpt)
+    return Trainer(cfg, run_dir, data, d, device, emit, ckpt).train()
+
+
+class Trainer:
+    """One run: the model, optimizer, sampler and TensorBoard writer, and the steps its loop is
+    made of (`train`): restore, train_step, log, evaluate_and_save, save, finish."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: TokenData, d: Dist, device: str, emit: Event,
+                 ckpt: Optional[dict]):
+        t = cfg.train
+        self.cfg, self.run_dir, self.data, self.d, self.device, self.emit = cfg, run_dir, data, d, device, emit
+        self.dtype = pick_dtype(t.dtype, device)
+        self.byte_lengths = data.byte_lengths()
+        if ckpt is not None:
+            check_weights(cfg.model, ckpt["model"], f"--resume: {run_dir / 'last.pt'}")
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = build_model(cfg.model)
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+        self.model = self.model.to(device)
+        self.model.grad_checkpointing = t.grad_checkpointing
+        self.wrapped = wrap(self.model, d, device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.sampler = make_sampler(data, t.batch_size, cfg.model.block_size, t.seed, d.rank, d.world)
+        self.state = RunState()
+        self.restore(ckpt)
+        if d.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.fwd_model = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.eval_model = self.model if d.mode == "ddp" else self.fwd_model  # validation needs no DDP gradient hooks
+        self.ctx = autocast_for(device, self.dtype)
+        self.tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * d.world
+        self.moe = has_experts(cfg.model)
+        self.writer = self._open_writer(resumed=ckpt is not None)
+        self.loss_sum, self.loss_count = torch.zeros((), device=device), 0  # the training loss since the last log
+        self.last_log = (0.0, 0)  # (clock, tokens) at the last log, set when the loop starts
+
+    def _open_writer(self, resumed: bool):
+        if not self.d.main:
+            return _NullWriter()
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+
+        # on resume, hide what an earlier process logged after the checkpoint's step (kept: that step)
+        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step + 1 if resumed else None)
+
+    def restore(self, ckpt: Optional[dict]) -> None:
+        """Resume: the optimizer, the counters, the sampler's position and the RNG states of last.pt
+        (per rank when the world size is the same). A new run: ranks other than 0 reseed."""
+        d, t = self.d, self.cfg.train
+        if ckpt is None:
+            if d.rank:
+                torch.manual_seed(t.seed + d.rank)  # dropout and router noise differ between ranks
+            return
         try:
-            load_optimizer(wrapped, optimizer, ckpt["optimizer"], d)
+            load_optimizer(self.wrapped, self.optimizer, ckpt["optimizer"], d)
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"--resume: checkpoint does not match the config: {str(e).splitlines()[0]}")
         loop = ckpt["loop"]
-        step, tokens_seen, elapsed_before, best_val = loop["step"], loop["tokens"], loop["elapsed"], loop["best_val_loss"]
-        sampler.load_state(loop)
+        self.state = RunState(loop["step"], loop["tokens"], loop["elapsed"], loop["best_val_loss"])
+        self.sampler.load_state(loop)
         ranks = loop.get("rng_cpu_ranks")
         same_world = ranks is not None and len(ranks) == d.world
         torch.set_rng_state(ranks[d.rank] if same_world else loop["rng_cpu"])
         if d.rank and not same_world:
-            torch.manual_seed(t.seed + 1000 * step + d.rank)
+            torch.manual_seed(t.seed + 1000 * self.state.step + d.rank)
         cuda_ranks = loop.get("rng_cuda_ranks")
-        if device.startswith("cuda") and loop.get("rng_cuda") is not None:
+        if self.device.startswith("cuda") and loop.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(cuda_ranks[d.rank] if same_world and cuda_ranks else loop["rng_cuda"])
-    elif d.rank:
-        torch.manual_seed(t.seed + d.rank)  # dropout and router noise differ between ranks
 
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    fwd_model = torch.compile(wrapped) if t.compile else wrapped
-    eval_model = model if d.mode == "ddp" else fwd_model  # validation needs no DDP gradient hooks
-    ctx = autocast_for(device, dtype)
-    tokens_per_step = B * T * A * d.world
-    moe = cfg.model.arch == "moe"
+    def train(self) -> TrainResult:
+        """The loop: steps until the budget is spent, a stop is asked (saved first) or the loss
+        diverges; then finish."""
+        s, t, cfg = self.state, self.cfg.train, self.cfg
+        self.emit("start", self.start_info())
+        self.model.train()
+        start, elapsed_before = time.perf_counter(), s.elapsed
+        self.last_log = (start, s.tokens)
+        with _StopFlag() as stop:
+            while run_progress(s.step, s.elapsed, cfg) < 1.0:
+                out = self.train_step()
+                s.step += 1
+                s.tokens += self.tokens_per_step
+                s.elapsed = self.agreed(elapsed_before + time.perf_counter() - start, "max")
+                finished = run_progress(s.step, s.elapsed, cfg) >= 1.0
+                if (s.step % t.log_interval == 0 or finished) and not self.log(out, stop):
+                    break
+                if s.step % t.eval_interval == 0 or finished:
+                    if not self.evaluate_and_save():
+                        break
+                elif t.ckpt_interval and s.step % t.ckpt_interval == 0:
+                    self.save(["last.pt"])
+                stop.requested = bool(self.agreed(float(stop.requested), "max"))  # a stop on any rank stops all
+                if stop.requested:
+                    s.stopped = "interrupted"
+                    self.save(["last.pt"])
+                    break
+        self.writer.flush()
+        return self.finish(stop.signum)
 
-    if d.main:
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+    def start_info(self) -> dict:
+        m, t, d = self.model, self.cfg.train, self.d
+        return {"run_dir": str(self.run_dir), "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
+                "params": m.num_params(), "active_params": m.num_params(active=True),
+                "step": self.state.step, "max_steps": t.max_steps, "max_minutes": t.max_minutes,
+                "tokens_per_step": self.tokens_per_step, "train_tokens": self.data.meta["train_tokens"],
+                "world": d.world, "distributed": d.mode, "sampler": type(self.sampler).__name__}
 
-        # on resume, hide what an earlier process logged after the checkpoint's step (kept: that step)
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if resume else None)
-    else:
-        writer = _NullWriter()
+    def agreed(self, value: float, op: str) -> float:
+        """Under torchrun, value reduced over the ranks (one clock, one stop request), so that
+        every rank takes the same branch; in one process, value."""
+        if not self.d.active:
+            return value
+        return all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device), self.d, op).item()
 
-    def save(best: float, names: list[str]) -> None:
+    def train_step(self) -> StepOutput:
+        """One optimizer step (docs/design.md, Training): grad_accum micro-batches of (LM loss +
+        balancing loss) / grad_accum, gradients synced on the last; clipping; the step; then the
+        router bias update from the step's loads."""
+        cfg, t, d, dev = self.cfg, self.cfg.train, self.d, self.device
+        A = t.grad_accum
+        multiplier = lr_at(run_progress(self.state.step, self.state.elapsed, cfg), cfg)
+        set_lr(self.optimizer, multiplier, cfg)
+        loads = None
+        aux_sum = torch.zeros((), device=dev)
+        for micro in range(A):
+            x, y = self.sampler.next_batch()  # (B, T) each
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with sync_context(self.wrapped, d, micro == A - 1):
+                with self.ctx:
+                    out = self.fwd_model(x, y)
+                aux_loss = out.aux.get("loss", torch.zeros((), device=dev))
+                ((out.loss + aux_loss) / A).backward()
+            self.loss_sum += out.loss.detach() / A
+            aux_sum += aux_loss.detach() / A
+            if self.moe:
+                step_loads = [r["tokens_per_expert"] for r in out.aux["routing"]]  # (E,) per MoE layer
+                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.moe and d.active:  # the loads of all ranks: router biases stay equal everywhere
+            loads = list(all_reduce(torch.stack(loads), d))
+        if self.moe and cfg.model.bias_update_rate > 0:
+            self.model.update_router_bias(loads)
+        self.loss_count += 1
+        return StepOutput(t.lr * multiplier, grad_norm, out.aux, aux_sum, loads)
+
+    def log(self, out: StepOutput, stop: _StopFlag) -> bool:
+        """The mean training loss since the last log (one host sync), to TensorBoard and the
+        caller, who may ask to stop; False when it or the gradient norm is not finite."""
+        s, d = self.state, self.d
+        train_loss = (all_reduce(self.loss_sum, d) / (self.loss_count * d.world)).item()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        if not math.isfinite(train_loss) or not math.isfinite(out.grad_norm.item()):
+            return self.diverged(train_loss)
+        now = time.perf_counter()
+        tps = (s.tokens - self.last_log[1]) / max(1e-9, now - self.last_log[0])
+        self.last_log = (now, s.tokens)
+        info = {"step": s.step, "loss": train_loss, "lr": out.lr, "grad_norm": out.grad_norm.item(),
+                "tokens_per_sec": tps, "progress": run_progress(s.step, s.elapsed, self.cfg), "elapsed": s.elapsed}
+        for name in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+            self.writer.add_scalar(f"train/{name}", info[name], s.step)
+        if self.moe and d.main:
+            info["imbalance"] = routing_summary(out.loads)
+            log_routing(self.writer, out.aux, out.loads, out.aux_loss, s.step)
+        if self.emit("step", info):
+            stop.requested = True
+        return True
+
+    def diverged(self, loss: float) -> bool:
+        """A non-finite loss stops the run; the last good checkpoint is kept. Returns False."""
+        self.state.stopped = "diverged"
+        self.emit("diverged", {"step": self.state.step, "loss": loss, "saved": (self.run_dir / "last.pt").is_file()})
+        return False
+
+    @torch.no_grad()
+    def quick_val(self) -> dict:
+        """Validation on eval_iters fixed batches: loss and bits per byte (the same on every rank)."""
+        t, dev = self.cfg.train, self.device
+        self.model.eval()
+        g = torch.Generator().manual_seed(EVAL_SEED)
+        blen = torch.tensor(self.byte_lengths, dtype=torch.float64, device=dev)
+        nll = nbytes = count = 0.0
+        for _ in range(t.eval_iters):
+            x, y = get_batch(self.data.val, t.batch_size, self.cfg.model.block_size, g)
+            a, b, c = nll_and_bytes(self.eval_model, x.to(dev), y.to(dev), blen, self.ctx)
+            nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
+        self.model.train()
+        return {"loss": nll / count, "bpb": bits_per_byte(nll, nbytes)}
+
+    def evaluate_and_save(self) -> bool:
+        """Periodic validation; saves last.pt, and best.pt when the loss is the lowest yet. False
+        when the loss is not finite."""
+        s = self.state
+        val = self.quick_val()
+        if not math.isfinite(val["loss"]):
+            return self.diverged(val["loss"])
+        self.writer.add_scalar("val/loss", val["loss"], s.step)
+        self.writer.add_scalar("val/bpb", val["bpb"], s.step)
+        improved = val["loss"] < s.best_val
+        s.last_val = val["loss"]
+        s.best_val = min(s.best_val, val["loss"])
+        self.save(["last.pt", "best.pt"] if improved else ["last.pt"])
+        self.emit("eval", {"step": s.step, **val, "best": improved})
+        return True
+
+    def save(self, names: list[str]) -> None:
         """Every rank calls this (gathering FSDP shards is collective); rank 0 writes."""
-        model_sd, optim_sd = full_state(wrapped, optimizer, d)
+        d, s = self.d, self.state
+        model_sd, optim_sd = full_state(self.wrapped, self.optimizer, d)
         rng_cpu = gather_objects(torch.get_rng_state(), d)
-        rng_cuda = gather_objects(torch.cuda.get_rng_state() if device.startswith("cuda") else None, d)
+        rng_cuda = gather_objects(torch.cuda.get_rng_state() if self.device.startswith("cuda") else None, d)
         if not d.main:
             return
         loop = {
-            "step": step, "tokens": tokens_seen, "elapsed": elapsed, "best_val_loss": best,
-            "rng_cpu": rng_cpu[0], "rng_cuda": rng_cuda[0], **sampler.state(),
+            "step": s.step, "tokens": s.tokens, "elapsed": s.elapsed, "best_val_loss": s.best_val,
+            "rng_cpu": rng_cpu[0], "rng_cuda": rng_cuda[0], **self.sampler.state(),
         }
         if d.active:
             loop.update(world=d.world, rng_cpu_ranks=rng_cpu, rng_cuda_ranks=rng_cuda)
-        state = {"model": model_sd, "optimizer": optim_sd, "config": cfg.to_dict(),
-                 "tokenizer": data.tokenizer_json, "data": dict(data.meta), "loop": loop}
+        state = {"model": model_sd, "optimizer": optim_sd, "config": self.cfg.to_dict(),
+                 "tokenizer": self.data.tokenizer_json, "data": dict(self.data.meta), "loop": loop}
         for name in names:
-            save_checkpoint(state, run_dir / name)
+            save_checkpoint(state, self.run_dir / name)
 
-    @torch.no_grad()
-    def quick_val() -> dict:
-        """Validation on eval_iters fixed batches: loss and bits per byte (the same on every rank)."""
-        model.eval()
-        g = torch.Generator().manual_seed(EVAL_SEED)
-        blen = torch.tensor(byte_lengths, dtype=torch.float64, device=device)
-        nll = nbytes = count = 0.0
-        for _ in range(t.eval_iters):
-            x, y = get_batch(data.val, B, T, g)
-            a, b, c = nll_and_bytes(eval_model, x.to(device), y.to(device), blen, ctx)
-            nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
-        model.train()
-        return {"loss": nll / count, "bpb": nll / (math.log(2) * nbytes)}
-
-    emit("start", {"run_dir": str(run_dir), "device": device, "dtype": str(dtype).replace("torch.", ""),
-                   "params": model.num_params(), "active_params": model.num_params(active=True),
-                   "step": step, "max_steps": t.max_steps, "max_minutes": t.max_minutes,
-                   "tokens_per_step": tokens_per_step, "train_tokens": data.meta["train_tokens"],
-                   "world": d.world, "distributed": d.mode, "sampler": type(sampler).__name__})
-
-    model.train()
-    start = time.perf_counter()
-    elapsed = elapsed_before
-    stopped = "done"
-    last_log_time, last_log_tokens = start, tokens_seen
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    with _StopFlag() as stop:
-        while run_progress(step, elapsed, cfg) < 1.0:
-            multiplier = lr_at(run_progress(step, elapsed, cfg), cfg)
-            set_lr(optimizer, multiplier, cfg)
-            lr = t.lr * multiplier  # AdamW's, as logged; Muon's follows the same schedule
-            loads = None
-            aux_sum = torch.zeros((), device=device)
-            for micro in range(A):
-                x, y = sampler.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with sync_context(wrapped, d, micro == A - 1):
-                    with ctx:
-                        out = fwd_model(x, y)
-                    aux_loss = out.aux.get("loss", torch.zeros((), device=device))
-                    ((out.loss + aux_loss) / A).backward()
-                loss_sum += out.loss.detach() / A
-                aux_sum += aux_loss.detach() / A
-                if moe:
-                    step_loads = [s["tokens_per_expert"] for s in out.aux["routing"]]
-                    loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if moe and d.active:  # the loads of all ranks: router biases stay equal everywhere
-                loads = list(all_reduce(torch.stack(loads), d))
-            if moe and cfg.model.bias_update_rate > 0:
-                model.update_router_bias(loads)
-            step += 1
-            loss_count += 1
-            tokens_seen += tokens_per_step
-            elapsed = elapsed_before + time.perf_counter() - start
-            if d.active:  # one clock for all ranks, so they agree on the schedule and the budget
-                elapsed = all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=device), d, "max").item()
-
-            if step % t.log_interval == 0 or run_progress(step, elapsed, cfg) >= 1.0:
-                train_loss = (all_reduce(loss_sum, d) / (loss_count * d.world)).item()  # one host sync per log
-                loss_sum.zero_()
-                loss_count = 0
-                if not math.isfinite(train_loss) or not math.isfinite(grad_norm.item()):
-                    stopped = "diverged"
-                    emit("diverged", {"step": step, "loss": train_loss, "saved": (run_dir / "last.pt").is_file()})
-                    break
-                now = time.perf_counter()
-                tps = (tokens_seen - last_log_tokens) / max(1e-9, now - last_log_time)
-                last_log_time, last_log_tokens = now, tokens_seen
-                info = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_sec": tps, "progress": run_progress(step, elapsed, cfg), "elapsed": elapsed}
-                writer.add_scalar("train/loss", train_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", info["grad_norm"], step)
-                writer.add_scalar("train/tokens_per_sec", tps, step)
-                if moe and d.main:
-                    info["imbalance"] = routing_summary(loads)
-                    log_routing(writer, out.aux, loads, aux_sum, step)
-                if emit("step", info):
-                    stop.requested = True
-
-            finished = run_progress(step, elapsed, cfg) >= 1.0
-            if step % t.eval_interval == 0 or finished:
-                val = quick_val()
-                if not math.isfinite(val["loss"]):
-                    stopped = "diverged"
-                    emit("diverged", {"step": step, "loss": val["loss"], "saved": (run_dir / "last.pt").is_file()})
-                    break
-                writer.add_scalar("val/loss", val["loss"], step)
-                writer.add_scalar("val/bpb", val["bpb"], step)
-                improved = val["loss"] < best_val
-                last_val = val["loss"]
-                best_val = min(best_val, val["loss"])
-                save(best_val, ["last.pt", "best.pt"] if improved else ["last.pt"])
-                emit("eval", {"step": step, **val, "best": improved})
-            elif t.ckpt_interval and step % t.ckpt_interval == 0:
-                save(best_val, ["last.pt"])
-            if d.active:  # a stop asked on any rank (a signal, or rank 0's caller) stops them all
-                flag = torch.tensor([float(stop.requested)], device=device)
-                stop.requested = bool(all_reduce(flag, d, "max").item())
-            if stop.requested:
-                stopped = "interrupted"
-                save(best_val, ["last.pt"])
-                break
-    writer.flush()
-
-    result = TrainResult(run_dir, step, tokens_seen, elapsed, stopped, signal=stop.signum, best_val_loss=best_val,
-                         main=d.main)
-    if stopped != "done":
-        writer.close()
+    def finish(self, signum: int) -> TrainResult:
+        """The result. A run that spent its budget also evaluates its best weights (under torchrun,
+        the last step's) on the whole validation split and appends a sample to samples.txt."""
+        s, d, t = self.state, self.d, self.cfg.train
+        result = TrainResult(self.run_dir, s.step, s.tokens, s.elapsed, s.stopped, signal=signum,
+                             best_val_loss=s.best_val, main=d.main)
+        if s.stopped != "done":
+            self.writer.close()
+            return result
+        result.val_step = s.step
+        if not d.active and s.best_val < s.last_val and (self.run_dir / "best.pt").is_file():
+            # report the best model, as early stopping would keep it; last.pt still resumes the run
+            best = load_checkpoint(self.run_dir / "best.pt")
+            self.model.load_state_dict(best["model"])
+            result.val_step = best["loop"]["step"]
+        self.emit("final_eval", {"step": result.val_step})
+        result.val = evaluate_tokens(self.model, self.data.val, self.byte_lengths, self.cfg.model.block_size,
+                                     batch_size=t.batch_size, device=self.device, dtype=self.dtype)
+        self.writer.add_scalar("val/final_bpb", result.val["bpb"], s.step)
+        self.writer.close()
+        if t.sample_tokens > 0 and (d.main or d.mode == "fsdp"):  # FSDP: every rank takes part in forward
+            result.sample = self.sample()
+            if d.main:
+                with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                    f.write(f"--- step {s.step}, val bpb {result.val['bpb']:.4f}\n{result.sample}\n")
         return result
-    result.val_step = step
-    if not d.active and best_val < last_val and (run_dir / "best.pt").is_file():
-        # report the best model, as early stopping would keep it; last.pt still resumes the run
-        best = load_checkpoint(run_dir / "best.pt")
-        model.load_state_dict(best["model"])
-        result.val_step = best["loop"]["step"]
-    emit("final_eval", {"step": result.val_step})
-    result.val = evaluate_tokens(model, data.val, byte_lengths, T, batch_size=B, device=device, dtype=dtype)
-    writer.add_scalar("val/final_bpb", result.val["bpb"], step)
-    writer.close()
-    if t.sample_tokens > 0 and (d.main or d.mode == "fsdp"):  # FSDP: every rank takes part in forward
-        tok = data.tokenizer()
-        s = cfg.sample
-        g = torch.Generator(device=device).manual_seed(s.seed)
-        ids = list(generate(model, tok.encode(s.prompt).ids, t.sample_tokens, s.temperature, s.top_k, s.top_p,
-                            generator=g, device=device))
-        result.sample = s.prompt + tok.decode(ids)
-        if d.main:
-            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-                f.write(f"--- step {step}, val bpb {result.val['bpb']:.4f}\n{result.sample}\n")
-    return result
+
+    def sample(self) -> str:
+        """The prompt and train.sample_tokens generated after it, with the sample settings."""
+        tok, s = self.data.tokenizer(), self.cfg.sample
+        g = torch.Generator(device=self.device).manual_seed(s.seed)
+        ids = list(generate(self.model, tok.encode(s.prompt).ids, self.cfg.train.sample_tokens, s.temperature,
+                            s.top_k, s.top_p, generator=g, device=self.device))
+        return s.prompt + tok.decode(ids)
 
 
 def log_routing(writer, aux: dict, loads: list[torch.Tensor], aux_sum: torch.Tensor, step: int) -> None:

@@ -1,2 +1,3 @@
-"""Rendering only: routing reports in the terminal (rich), the live sampling panel and the
-self-contained HTML report. Everything here turns plain data from the engine into output."""
+"""Rendering only: training and tokenizing progress, routing reports in the terminal (rich), the
+live sampling panel, the self-contained HTML report and bench tables. Everything here turns plain
+data from the engines into output."""

@@ -1,0 +1,56 @@
+"""tokenize's engine: which layout a corpus gets, with the sharded layout's defaults, over
+data.tokenize_text (one text: train.bin, val.bin) and data.tokenize_source (documents: shards).
+Returns the data dir's meta; reports progress through a callback; never prints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from .data import Source, bundled_corpus, find_files, read_text_file, tokenize_source, tokenize_text
+from .errors import UserError
+
+DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet")  # files of records, not one text
+
+
+def tokenize_corpus(out: Path, files: Optional[list[Path]] = None, dataset: Optional[str] = None,
+                    vocab_size: int = 2048, val_fraction: float = 0.1,
+                    on_event: Callable[[str, dict], None] = lambda kind, info: None, *, name: Optional[str] = None,
+                    split: str = "train", text_column: str = "text", shard_tokens: Optional[int] = None,
+                    val_tokens: Optional[int] = None, tokenizer_sample_bytes: Optional[int] = None,
+                    max_tokens: Optional[int] = None, workers: Optional[int] = None, force: bool = False) -> dict:
+    """One text file (default: the bundled corpus) and no sharding option: its last val_fraction
+    is validation. Otherwise documents (files, folders, records, a dataset) into shards. Events:
+    ("text", {done, total}) for one text, ("documents", info) for documents (data.tokenize_source)."""
+    if vocab_size < 257:
+        raise UserError("--vocab-size must be at least 257 (256 bytes + <|endoftext|>)")
+    if not 0 < val_fraction < 1:
+        raise UserError("--val-fraction must be between 0 and 1")
+    if dataset and files:
+        raise UserError("give input files or --dataset, not both")
+    sharding = (shard_tokens, val_tokens, tokenizer_sample_bytes, max_tokens)
+    paths = find_files(files) if files else []
+    single = not dataset and len(paths) <= 1 and all(v is None for v in sharding) and not (
+        paths and (files[0].is_dir() or paths[0].name.lower().endswith(DOCUMENT_SUFFIXES)))
+    if single:
+        src = paths[0] if paths else bundled_corpus()
+        text = read_text_file(src)
+        on_event("text", {"done": 0, "total": len(text)})
+        return tokenize_text(text, out, vocab_size, val_fraction, str(src),
+                             progress=lambda done, total: on_event("text", {"done": done, "total": total}), force=force)
+
+    source = Source(files=paths, dataset=dataset or "", name=name, split=split, text_column=text_column)
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
+    for opt, v in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens),
+                   ("--tokenizer-sample-bytes", tokenizer_sample_bytes), ("--max-tokens", max_tokens)):
+        if v is not None and v <= 0:
+            raise UserError(f"{opt} must be positive")
+    on_event("documents", {"phase": "reading"})
+    return tokenize_source(
+        source, out, vocab_size,
+        shard_tokens=shard_tokens, val_tokens=val_tokens,
+        tokenizer_sample_bytes=tokenizer_sample_bytes or 100_000_000, max_tokens=max_tokens or 0,
+        workers=workers or max(1, (os.cpu_count() or 2) - 1), progress=lambda info: on_event("documents", info),
+        force=force)
