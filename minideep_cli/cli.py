@@ -289,7 +289,7 @@ def _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_
 
     from .generate import generate_steps
     from .inference import has_experts, moe_layers
-    from .routing import summarize_step, vocab_texts
+    from .routing_report import summarize_step, vocab_texts
     from .views.live import LivePanel, plain_line
 
     vocab_text = vocab_texts(pieces)
@@ -385,7 +385,7 @@ def inspect_routing(
 
 def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
     from .checkpoint import newest_run
-    from .routing import read_history
+    from .routing_report import read_history
     from .views.terminal import render_history
 
     run = run or newest_run()

@@ -21,7 +21,7 @@ from .errors import UserError
 from .evaluate import evaluate_tokens
 from .models import MODELS, MoETransformer
 from .models.transformer import is_moe_layer
-from .routing import RoutingReport, Source, analyze, collect_routing, model_info
+from .routing_report import ReportInputs, RoutingReport, analyze, collect_routing, model_info
 from .tokenizer import split_chunks, load_tokenizer, token_byte_lengths, token_bytes
 
 
@@ -128,4 +128,4 @@ def route_checkpoint(ckpt: Optional[Path], text: Optional[Path] = None, prompt: 
     trace = collect_routing(lo.model, tokens, lo.device, dtype=pick_dtype(lo.config.train.dtype, lo.device),
                             progress=progress)
     return analyze(trace, token_bytes(lo.tokenizer), model_info(lo.config, blocks),
-                   Source(str(lo.path), source, len(tokens)), layer)
+                   ReportInputs(str(lo.path), source, len(tokens)), layer)
