@@ -126,7 +126,7 @@ def tokenize(
     then [bold]minideep train --data data/mytext[/bold] ·
     [bold]minideep tokenize --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --vocab-size 32768 --out data/fineweb[/bold]
     """
-    from .prepare import tokenize_corpus
+    from .data import tokenize_corpus
     from .views.tokenize import TokenizeView, tokenize_summary
 
     view = TokenizeView()

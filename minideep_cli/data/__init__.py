@@ -20,10 +20,12 @@ The modules, in the order data flows through them:
   prepare.py  one text -> the single layout; the dtype and output-folder check both layouts share
   shards.py   many documents -> the sharded layout: the split plan, resumable shard writing
   loader.py   a data dir -> TokenData, and the samplers that read training batches from it
+  corpus.py   `minideep tokenize`'s engine: which of the two layouts a corpus gets
 
 The names below are the ones the rest of minideep uses, so it imports them from here.
 """
 
+from .corpus import tokenize_corpus
 from .loader import ShardReader, TokenData, get_batch, make_sampler, open_or_none
 from .prepare import bundled_data_dir, split_text, tokenize_text
 from .shards import plan_split, tokenize_source
@@ -31,4 +33,4 @@ from .sources import Source, bundled_corpus, find_files, read_text_file
 
 __all__ = ["ShardReader", "Source", "TokenData", "bundled_corpus", "bundled_data_dir",
            "find_files", "get_batch", "make_sampler", "open_or_none", "plan_split", "read_text_file",
-           "split_text", "tokenize_source", "tokenize_text"]
+           "split_text", "tokenize_corpus", "tokenize_source", "tokenize_text"]

@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .data import Source, bundled_corpus, find_files, read_text_file, tokenize_source, tokenize_text
-from .errors import UserError
+from ..errors import UserError
+from .prepare import tokenize_text
+from .shards import tokenize_source
+from .sources import Source, bundled_corpus, find_files, read_text_file
 
 DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet")  # files of records, not one text
 
