@@ -78,6 +78,15 @@ class GPT2(nn.Module):
         self.grad_checkpointing = False
         self.init_weights()
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (stored as transformer.h, Hugging Face's name)."""
+        return self.transformer.h
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.wte
+
     def init_weights(self):
         """GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
         for name, p in self.named_parameters():

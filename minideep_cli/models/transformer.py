@@ -70,6 +70,10 @@ class MoETransformer(nn.Module):
         self.grad_checkpointing = False
         self.init_weights()
 
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.tok_emb
+
     def init_weights(self):
         """N(0, 0.02) for every matrix, the router and latent attention's slot latents; output
         projections (attention wo, SwiGLU and expert w2) scaled by 1/sqrt(2 * n_layer); norms 1
