@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, attention_dropout
 from .attention import Cache, KVCache, causal_attention
-from .layers import dropout
+from .fast import dropout
 from .output import Output, lm_loss
 
 
 class GPT2Attention(nn.Module):
-    kernels: str | None = None  # causal_attention's kernels: None follows the tensors' device
+    attend = staticmethod(causal_attention)  # the attention kernel (as attention.Attention.attend)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -32,7 +32,7 @@ class GPT2Attention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if cache is not None:  # q, k, v: (B, nh, T, hs)
             k, v = cache.update(pos, k, v)  # (B, nh, pos+T, hs)
-        y = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
         return dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
 

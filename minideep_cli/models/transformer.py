@@ -12,7 +12,8 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from .attention import Cache, build_attention, slot_decay_init
-from .layers import RMSNorm, dropout, feed_forward, rope_tables, softcap
+from .fast import dropout
+from .layers import RMSNorm, feed_forward, rope_tables, softcap
 from .moe import MoE
 from .output import Output, lm_loss
 
