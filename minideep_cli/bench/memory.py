@@ -168,7 +168,7 @@ def estimate_memory(cfg: Config, device_memory: Optional[int] = None) -> dict:
 
 MEASURE_SCRIPT = r"""
 import json, resource, sys, torch
-from minideep_cli.bench.train import train_step_fn
+from minideep_cli.bench import train_step_fn
 from minideep_cli.config import Config
 from minideep_cli.models import build_model
 spec = json.loads(sys.argv[1])
