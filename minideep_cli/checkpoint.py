@@ -5,13 +5,16 @@ A checkpoint is a dict of plain tensors, numbers, strings, lists and dicts:
   tokenizer (the tokenizer JSON), loop (step, tokens, elapsed seconds, best val loss, RNG states,
   data position), data (meta.json of the data it trained on).
 It is loaded with torch.load(weights_only=True), so a file can never execute code. A folder
-written by `minideep export --format safetensors` (JSON + safetensors, see export.py) loads into
-the same dict, with no optimizer state.
+written by `minideep export --format safetensors` loads into the same dict, with no optimizer
+state: model.safetensors (every weight, tied ones once), minideep_config.json (kind, format, the
+resolved config, the weight aliases, step and data meta) and tokenizer.json. Both formats are
+read here; export/ writes them.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -26,6 +29,12 @@ from .files import atomic_file
 KIND = "minideep-checkpoint"
 FORMAT = 1
 PARTS = {"model": dict, "config": dict, "tokenizer": str, "loop": dict}  # what every reader relies on
+EXPORT_KIND = "minideep-export"
+EXPORT_FORMAT = 1
+EXPORT_CONFIG = "minideep_config.json"  # marks a safetensors export folder
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+INSTALL_HINT = "pip install safetensors (the export extra: pip install 'minideep[export]')"
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -63,8 +72,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
     p = Path(path)
     if p.is_dir():
-        from .export import is_export_dir, load_export
-
         if is_export_dir(p):  # a `minideep export --format safetensors` folder: JSON + safetensors
             return complete(load_export(p), p)
     if not p.exists():
@@ -121,8 +128,6 @@ def newest_run(runs_dir: str | os.PathLike = "runs") -> Optional[Path]:
 def resolve_checkpoint(path: Optional[str], prefer: str = "best") -> Path:
     """A checkpoint file, or a run dir (its best.pt, else last.pt), or a safetensors export folder
     (or its model.safetensors), or None = newest run in runs/."""
-    from .export import is_export_dir
-
     if path is None:
         run = newest_run()
         if run is None:
@@ -185,3 +190,66 @@ def check_weights(m, weights: dict, where: str) -> None:
         if got[k] != expected[k]:
             raise UserError(f"{where}'s weights do not match the model config ({m.arch}): {k} has shape "
                             f"{list(got[k])}, the config gives {list(expected[k])}")
+
+
+# ---------------------------------------------------------------- safetensors export folders
+
+
+def safetensors_module(what: str):
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError(f"{what} needs the safetensors package: {INSTALL_HINT}")
+    return safetensors.torch
+
+
+def plain_weights(state: dict) -> tuple[dict, dict]:
+    """A state dict as separate contiguous tensors, each storage once: a tensor that is the same
+    as an earlier one (tied embeddings) becomes an alias {name: name it equals}."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().clone()
+    return tensors, aliases
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / EXPORT_CONFIG).is_file()
+
+
+def load_export(folder: str | os.PathLike) -> dict:
+    """A safetensors export folder as a checkpoint dict (model, config, tokenizer, loop, data;
+    no optimizer). JSON and safetensors only: nothing here can run code."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder / EXPORT_CONFIG} is not readable: {e}")
+    if not isinstance(meta, dict) or meta.get("kind") != EXPORT_KIND or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{folder} is not a minideep safetensors export")
+    if meta.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{folder} has export format {meta.get('format')}; this minideep reads {EXPORT_FORMAT}")
+    for name in (WEIGHTS, TOKENIZER):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} is an incomplete export: {name} is missing")
+    safetensors_torch = safetensors_module("reading a safetensors export")
+    try:
+        state = safetensors_torch.load_file(str(folder / WEIGHTS), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{folder / WEIGHTS} is not a readable safetensors file: {first}")
+    for name, target in (meta.get("aliases") or {}).items():
+        if target not in state:
+            raise UserError(f"{folder / EXPORT_CONFIG}: alias {name} points to missing weight {target}")
+        state[name] = state[target]
+    try:
+        tokenizer = (folder / TOKENIZER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / TOKENIZER} is not readable: {e}")
+    loop = {"step": 0, "tokens": 0, **(meta.get("loop") or {})}
+    return {"kind": KIND, "format": FORMAT, "model": state, "optimizer": None, "config": meta["config"],
+            "tokenizer": tokenizer, "data": meta.get("data") or {}, "loop": loop}

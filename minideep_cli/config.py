@@ -22,11 +22,11 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .models.rules import check_attention
 
 ARCHES = ("gpt2", "moe")
 GPT2_KEYS = ("arch", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attention_dropout",
              "bias")  # the model settings gpt2 reads; every other model.* key is a moe-arch setting
-ATTENTIONS = ("gqa", "mla", "latent")  # model.attention (moe arch); gpt2 is always multi-head
 SECTIONS = ("model", "data", "train", "sample")
 ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
 OPTIMIZERS = ("adamw", "muon")  # train.optimizer
@@ -462,13 +462,7 @@ def validate_model(m: ModelConfig) -> None:
     kv = m.n_kv_head or m.n_head
     if m.n_head % kv:
         raise UserError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
-    if m.arch == "moe" and m.attention != "mla" and (m.n_embd // m.n_head) % 2:  # mla: qk_rope_head_dim
-        raise UserError("model.n_embd / model.n_head must be even for RoPE")
-    if m.attention not in ATTENTIONS:
-        raise UserError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got '{m.attention}'")
-    if m.arch == "gpt2" and m.attention != "gqa":
-        raise UserError(f"model.attention={m.attention} is a moe-arch setting (gpt2 is always multi-head "
-                        "attention); set it under the moe: section or use --arch moe")
+    check_attention(m)  # what the arch needs of model.attention and the head width
     if m.attention == "mla":
         if m.kv_lora_rank <= 0 or m.v_head_dim <= 0 or m.qk_rope_head_dim <= 0:
             raise UserError("model.kv_lora_rank, model.v_head_dim and model.qk_rope_head_dim must be "

@@ -67,13 +67,6 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def blocks_of(model) -> list:
-    """The transformer blocks, each its own FSDP unit (gathered just before it runs)."""
-    if hasattr(model, "blocks"):
-        return list(model.blocks)
-    return list(model.transformer.h)
-
-
 def wrap(model, d: Dist, device: str):
     """DDP (gradients all-reduced in buckets during backward) or FSDP2 (parameters, gradients
     and optimizer state sharded; each block all-gathered for its forward and backward)."""
@@ -89,7 +82,7 @@ def wrap(model, d: Dist, device: str):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(torch.device(device).type, (d.world,))
-    for block in blocks_of(model):
+    for block in model.blocks:  # each block its own FSDP unit, gathered just before it runs
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

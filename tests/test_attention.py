@@ -13,9 +13,10 @@ from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.generate import generate
 from minideep_cli.models import build_model
-from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, attention_with_dropout,
-                                           causal_attention, slot_attention_parallel, slot_attention_step)
-from minideep_cli.models.layers import apply_rope, keep_scale, rope_tables
+from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, causal_attention,
+                                           slot_attention_parallel, slot_attention_step)
+from minideep_cli.models.fast import attention_with_dropout, keep_scale
+from minideep_cli.models.layers import apply_rope, rope_tables
 
 VARIANTS = ["gqa", "mla", "latent"]
 # tiny widths: n_embd 32, 4 heads of 8, 2 KV heads

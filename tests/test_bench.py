@@ -11,14 +11,15 @@ import torch
 from conftest import tiny_model_cfg
 from typer.testing import CliRunner
 
-from minideep_cli import bench
+from minideep_cli.bench import peak
+from minideep_cli.bench import train as bench_train
 from minideep_cli.bench import (BenchOptions, bench_config, bench_memory, cpu_peak, estimate_memory, gpu_peak,
                                 median_times, parse_bytes, run_bench)
 from minideep_cli.cli import app
 from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.models import build_model
-from minideep_cli.models.attention import CPU_FLASH_GQA
+from minideep_cli.models.fast import CPU_FLASH_GQA
 from minideep_cli.train import cpu_native_bf16
 
 TOP = {"schema_version", "minideep", "torch", "python", "preset", "arch", "attention", "quick", "device", "threads",
@@ -149,7 +150,7 @@ def test_parse_bytes_and_gpu_peaks():
 
 
 def test_cpu_peak_by_hand_for_fp32_and_native_bf16(monkeypatch):
-    monkeypatch.setattr(bench, "cpu_ghz", lambda: (2.0, "test"))
+    monkeypatch.setattr(peak, "cpu_ghz", lambda: (2.0, "test"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     intel = {"vendor_id": "GenuineIntel", "cpu family": "6"}
     fp32 = 2 * 2.0e9 * 2 * 2 * 16 / 1e12  # TFLOPS: 2 threads x 2 GHz x 2 FMA pipes x 2 FLOPs x 16 fp32 lanes
@@ -169,9 +170,9 @@ def test_cpu_peak_by_hand_for_fp32_and_native_bf16(monkeypatch):
 
 
 def test_matmul_rate_is_the_products_flops_over_the_median_time(monkeypatch):
-    monkeypatch.setattr(bench, "median_times", lambda fns, repeats, warmup, sync: {"mm": 0.5})
-    assert bench.matmul_tflops("cpu", torch.float32, BenchOptions()) == pytest.approx(2 * 2048**3 / 0.5 / 1e12)
-    assert bench.matmul_tflops("cpu", torch.float32, BenchOptions(matmul_n=64)) == pytest.approx(2 * 64**3 / 0.5 / 1e12)
+    monkeypatch.setattr(peak, "median_times", lambda fns, repeats, warmup, sync: {"mm": 0.5})
+    assert peak.matmul_tflops("cpu", torch.float32, BenchOptions()) == pytest.approx(2 * 2048**3 / 0.5 / 1e12)
+    assert peak.matmul_tflops("cpu", torch.float32, BenchOptions(matmul_n=64)) == pytest.approx(2 * 64**3 / 0.5 / 1e12)
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
@@ -281,8 +282,8 @@ def test_train_variants_are_timed_with_their_own_settings(monkeypatch):
     longer = copy.deepcopy(base)
     longer.model.block_size, longer.train.dtype = 64, "bfloat16"  # 2 x 64 tokens a step instead of 2 x 32
     built = []
-    real_step = bench.train_step_fn
-    monkeypatch.setattr(bench, "train_step_fn", lambda m, c, d, dt, *a: built.append((c.model.block_size, dt))
+    real_step = bench_train.train_step_fn
+    monkeypatch.setattr(bench_train, "train_step_fn", lambda m, c, d, dt, *a: built.append((c.model.block_size, dt))
                         or real_step(m, c, d, dt, *a))
     calls = []
 
@@ -291,7 +292,7 @@ def test_train_variants_are_timed_with_their_own_settings(monkeypatch):
         for f in fns.values():
             f()
         return {k: 1.0 if k == "base" else 0.5 for k in fns}
-    monkeypatch.setattr(bench, "median_times", fake_times)
+    monkeypatch.setattr(bench_train, "median_times", fake_times)
     r = run_bench(base, BenchOptions.for_run(True, ("train",), **FAST), variants={"model.block_size=64 train.dtype=bfloat16": longer})
     check_keys(r, ("train",))
     assert built == [(32, torch.float32), (64, torch.bfloat16)]

@@ -160,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
 
 
 def test_dropout_keeps_1_minus_p_and_rescales():
-    from minideep_cli.models.layers import dropout
+    from minideep_cli.models.fast import dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000, requires_grad=True)

@@ -24,11 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import attention_dropout
-from .layers import RMSNorm, apply_rope, keep_scale
-
-# torch's CPU flash attention takes grouped keys and values from 2.9 on (pytorch#157893); older
-# versions would fall back to the slow math kernel, so there they are copied per head as on GPUs
-CPU_FLASH_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9)
+from .fast import CPU_FLASH_GQA, attention_with_dropout
+from .layers import RMSNorm, apply_rope, visible
 
 # ---------------------------------------------------------------- caches
 
@@ -142,33 +139,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
                                           enable_gqa=gqa)
 
 
-def visible(tq: int, tk: int, device) -> torch.Tensor:
-    """(Tq, Tk) True where query i, at position Tk - Tq + i, may see key j (j <= Tk - Tq + i)."""
-    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
-
-
-def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
-                           scale: float | None = None) -> torch.Tensor:
-    """Causal attention with dropout on its weights, written out: on CPU torch's fused kernel has no
-    dropout, and its fallback (these same steps) draws the mask one Bernoulli number per weight,
-    where keep_scale draws four per random number. Shapes as causal_attention; the rep = H / Hkv
-    query heads of a group are stacked as rows against their shared keys, no copies of K or V."""
-    B, H, tq, D = q.shape
-    hkv, tk = k.size(1), k.size(2)
-    rep = H // hkv
-    qg = q.reshape(B, hkv, rep * tq, D)  # heads g*rep .. g*rep+rep-1 read group g
-    scores = (qg @ k.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(D))  # (B, Hkv, rep*Tq, Tk)
-    weights = scores.masked_fill_(~visible(tq, tk, q.device).repeat(rep, 1), float("-inf")).softmax(dim=-1)
-    out = (weights * keep_scale(weights.shape, p, q.device, weights.dtype)) @ v  # (B, Hkv, rep*Tq, Dv)
-    return out.view(B, H, tq, v.size(-1))
-
-
 class Attention(nn.Module):
     """Cache accounting every variant shares. Per sequence and layer, a cache holds
     cache_numbers_per_token() numbers for each position plus state_numbers() fixed ones."""
 
     rope_dim: int
-    kernels: str | None = None  # causal_attention's kernels: None follows the tensors' device
+    # the kernel every variant attends with; an instance may be given another (bench's memory trace
+    # gives causal_attention as a GPU runs it)
+    attend = staticmethod(causal_attention)
 
     def cache_numbers_per_token(self) -> int:
         raise NotImplementedError
@@ -218,7 +196,7 @@ class GQAttention(Attention):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # k, v: (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, nkv, pos+T, hs)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -284,7 +262,7 @@ class MLAttention(Attention):
         k_nope, v = kv.split([self.dn, self.dv], -1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, self.n_head, Tk, self.dr)], -1)  # (B, nh, Tk, dn+dr)
         q = torch.cat([q_nope, q_pe], -1)
-        return causal_attention(q, k, v, self.dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, Tq, dv)
+        return self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, Tq, dv)
 
     def absorbed(self, q_nope, q_pe, ckv) -> torch.Tensor:
         """Attend in latent space: q_nope·k_nope = (q_nope W_uk)·c, and p·v = (p·c) W_uv^T, so K and
@@ -300,7 +278,7 @@ class MLAttention(Attention):
         else:
             k = ckv.unsqueeze(1).expand(B, H, Tk, r + self.dr)  # (B, nh, Tk, r+dr)
             v = ckv[..., :r].unsqueeze(1).expand(B, H, Tk, r)  # (B, nh, Tk, r)
-            o = causal_attention(q, k, v, self.dropout if self.training else 0.0, scale, self.kernels)  # (B, nh, Tq, r)
+            o = self.attend(q, k, v, self.dropout if self.training else 0.0, scale)  # (B, nh, Tq, r)
         return o @ w_uv.transpose(1, 2)  # (B, nh, Tq, r) @ (nh, r, dv) -> (B, nh, Tq, dv)
 
 

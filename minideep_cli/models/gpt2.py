@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, attention_dropout
 from .attention import Cache, KVCache, causal_attention
-from .layers import dropout
+from .fast import dropout
 from .output import Output, lm_loss
 
 
 class GPT2Attention(nn.Module):
-    kernels: str | None = None  # causal_attention's kernels: None follows the tensors' device
+    attend = staticmethod(causal_attention)  # the attention kernel (as attention.Attention.attend)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -32,7 +32,7 @@ class GPT2Attention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3 * self.n_head, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if cache is not None:  # q, k, v: (B, nh, T, hs)
             k, v = cache.update(pos, k, v)  # (B, nh, pos+T, hs)
-        y = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0, kernels=self.kernels)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
         return dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)), self.dropout, self.training)
 
 
@@ -77,6 +77,15 @@ class GPT2(nn.Module):
         self.dropout = cfg.dropout  # on the embeddings
         self.grad_checkpointing = False
         self.init_weights()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (stored as transformer.h, Hugging Face's name)."""
+        return self.transformer.h
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.wte
 
     def init_weights(self):
         """GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""

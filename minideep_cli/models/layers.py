@@ -1,41 +1,11 @@
 """Small pure pieces shared by the models: RMSNorm, rotary embeddings, feed-forwards (SwiGLU,
-ReLU²), logit soft-capping, dropout."""
+ReLU²), logit soft-capping, the causal mask. (Dropout is in fast.py: its CPU mask is a speed path.)"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def keep_scale(shape, p: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The inverted-dropout multiplier for 0 <= p < 1: 0 with probability p, else 1/(1-p). Drawn 16
-    bits at a time, four to a 64-bit random number, so p is taken to the nearest 1/65,536 (0.1 ->
-    0.100006) and the kept values scaled by that p's 1/(1-p) (in bf16 the scale itself is rounded,
-    1.109375 for 0.1, as torch's dropout rounds it). On CPU, where torch draws one number per
-    element on one core, this is faster: one 16 x 6 x 128 x 128 mask took 2.1-2.8 ms against
-    9.1-9.2 ms for bernoulli_ and 4.8-7.6 ms for torch.rand (two micro-benchmarks), which matters
-    for attention-weight dropout."""
-    if not 0 <= p < 1:
-        raise ValueError(f"a dropout rate is at least 0 and below 1, not {p}")
-    n = math.prod(shape)
-    cut = min(round(p * 65536), 65535)  # drop where the 16-bit draw, read as a signed number, is below cut - 32,768
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # every bit uniform
-    keep = words.view(torch.int16)[:n].view(shape) >= cut - 32768
-    return keep.to(dtype).mul_(1 / (1 - cut / 65536))
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout, skipped outright where it does nothing (eval, p = 0): decoding one token
-    at a time pays for every call, and an eval-mode nn.Dropout is still a call. On CPU the mask
-    comes from keep_scale, not F.dropout's Bernoulli sampler, which draws one number per element."""
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    return x * keep_scale(x.shape, p, x.device, x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -97,3 +67,8 @@ def feed_forward(activation: str, dim: int, hidden: int) -> nn.Module:
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(logits / cap): smooth, bounded in (-cap, cap), nearly the identity for |logits| << cap."""
     return logits if cap <= 0 else cap * torch.tanh(logits / cap)
+
+
+def visible(tq: int, tk: int, device) -> torch.Tensor:
+    """(Tq, Tk) True where query i, at position Tk - Tq + i, may see key j (j <= Tk - Tq + i)."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .fast import one_token
 from .layers import feed_forward
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -124,7 +125,7 @@ class Experts(nn.Module):
         """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # fewer rows than experts on CPU (a prompt of a few tokens; a single token takes
-        # MoE.one_token): a grouped matmul would still visit every expert, so loop over the few
+        # fast.one_token): a grouped matmul would still visit every expert, so loop over the few
         # experts that received a row instead
         few_rows = x.device.type == "cpu" and x.size(0) < len(counts)
         if self.grouped and not few_rows and grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
@@ -163,7 +164,7 @@ class MoE(nn.Module):
         flat = x.reshape(N, d)
         expert_ids, gates, probs, logits = self.router(flat)  # (N, k), (N, k), (N, E), (N, E)
         if N == 1 and not self.training and x.device.type == "cpu":  # a decoding step
-            return self.one_token(x, expert_ids, gates, probs, logits)
+            return one_token(self, x, expert_ids, gates, probs, logits)  # fast.py: same result, no sort
 
         # Order the N*k assignments by expert, and within an expert by priority.
         a = torch.arange(N * k, device=x.device)
@@ -190,28 +191,6 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(B, T, d).to(x.dtype), self.stats(expert_ids, gates, probs, logits, counts, keep_tc)
-
-    def one_token(self, x: torch.Tensor, expert_ids, gates, probs, logits) -> tuple[torch.Tensor, dict]:
-        """A single token outside training on CPU (a decoding step): its k experts run on their own
-        weights, added in ascending expert order in fp32 as the sorted path's index_add adds them,
-        without the sorting and gathering that path needs for many tokens; nothing is dropped, as
-        one token takes at most one slot of an expert. x (1, 1, d) -> y (1, 1, d) and the same
-        stats. Bit for bit the general path's result where that path loops over experts too
-        (top_k < n_experts), else equal up to rounding (tested). CPU only: on CUDA the loop would
-        wait for the chosen ids once per layer, and it is unmeasured there."""
-        E, k, d = self.cfg.n_experts, self.cfg.top_k, x.size(-1)
-        flat = x.reshape(1, d)
-        acc = None
-        for e, j in sorted((e, j) for j, e in enumerate(expert_ids[0].tolist())):
-            h = self.experts.one(e, flat)  # (1, d)
-            weighted = (h * gates[0, j].to(h.dtype)).float()
-            acc = weighted if acc is None else acc + weighted
-        y = acc.to(h.dtype)
-        if self.shared is not None:
-            y = y + self.shared(flat)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_fill_(0, expert_ids[0], 1)  # (E,)
-        kept = torch.ones(1, k, dtype=torch.bool, device=x.device)
-        return y.view(1, 1, d).to(x.dtype), self.stats(expert_ids, gates, probs, logits, counts, kept)
 
     def stats(self, expert_ids, gates, probs, logits, counts, kept) -> dict:
         """Routing statistics (tensors, no host sync) and the weighted balancing losses."""

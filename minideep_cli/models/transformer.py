@@ -12,7 +12,8 @@ import torch.utils.checkpoint
 
 from ..config import ModelConfig
 from .attention import Cache, build_attention, slot_decay_init
-from .layers import RMSNorm, dropout, feed_forward, rope_tables, softcap
+from .fast import dropout
+from .layers import RMSNorm, feed_forward, rope_tables, softcap
 from .moe import MoE
 from .output import Output, lm_loss
 
@@ -69,6 +70,10 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
         self.init_weights()
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.tok_emb
 
     def init_weights(self):
         """N(0, 0.02) for every matrix, the router and latent attention's slot latents; output

@@ -1,0 +1,92 @@
+"""The decode section: generation tokens/s with and without the cache at several context lengths,
+and each attention variant's cache bytes, read from the models."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from ..config import Config, validate
+from ..errors import UserError
+from ..generate import generate
+from ..models import build_model
+from ..models.rules import ATTENTIONS, fixed_attention
+from .timing import BenchOptions, syncer
+
+
+def attention_variants(cfg: Config) -> list[str]:
+    """The attention variants this config accepts (gpt2: its multi-head attention only)."""
+    if fixed_attention(cfg.model):
+        return [fixed_attention(cfg.model)]
+    out = []
+    for v in ATTENTIONS:
+        c = copy.deepcopy(cfg)
+        c.model.attention = v
+        try:
+            validate(c)
+        except UserError:
+            continue
+        out.append(v)
+    return out
+
+
+def variant_config(cfg: Config, variant: str) -> Config:
+    c = copy.deepcopy(cfg)
+    if variant != "mha":
+        c.model.attention = variant
+    return c
+
+
+def cache_rows(cfg: Config, dtype) -> list[dict]:
+    """Cache bytes per token and per sequence (block_size tokens) for each attention variant, read
+    from the models (built on the meta device: nothing is allocated)."""
+    rows = []
+    for v in attention_variants(cfg):
+        with torch.device("meta"):
+            model = build_model(variant_config(cfg, v).model)
+        per_token, state = model.cache_bytes_per_token(dtype), model.cache_state_bytes(dtype)
+        rows.append({"attention": v, "bytes_per_token": per_token, "state_bytes": state,
+                     "bytes_per_sequence": cfg.model.block_size * per_token + state, "block_size": cfg.model.block_size})
+    base = next((r["bytes_per_sequence"] for r in rows if r["attention"] in ("gqa", "mha")), None)
+    for r in rows:
+        r["vs_gqa"] = r["bytes_per_sequence"] / base if base else None
+    return rows
+
+
+def per_token_seconds(model, prompt: list[int], n: int, use_cache: bool, device: str, warmup: int) -> float:
+    """Median seconds per generated token after the prompt (its prefill and `warmup` tokens are not timed)."""
+    sync = syncer(device)
+    gen = generate(model, prompt, n + warmup + 1, temperature=0.0, use_cache=use_cache, device=device)
+    times = []
+    next(gen)  # prefill + first token
+    for i in range(n + warmup):
+        start = time.perf_counter()
+        next(gen)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
+
+    speed = []
+    longest = max(opts.decode_contexts)
+    for v in attention_variants(cfg):
+        c = variant_config(cfg, v)
+        c.model.block_size = max(c.model.block_size, longest + opts.decode_tokens + opts.warmup + 2)
+        c.model.dropout = 0.0
+        torch.manual_seed(0)
+        model = build_model(c.model).to(device=device, dtype=dtype).eval()
+        g = torch.Generator().manual_seed(1)
+        for ctx_len in opts.decode_contexts:
+            prompt = torch.randint(0, c.model.vocab_size, (ctx_len,), generator=g).tolist()
+            with torch.no_grad():
+                cached = per_token_seconds(model, prompt, opts.decode_tokens, True, device, opts.warmup)
+                full = per_token_seconds(model, prompt, max(3, opts.decode_tokens // 3), False, device, 1)
+            speed.append({"attention": v, "context": ctx_len, "cached_tokens_per_sec": 1 / cached,
+                          "recompute_tokens_per_sec": 1 / full, "speedup": full / cached})
+    return {"dtype": str(dtype).replace("torch.", ""), "speed": speed, "cache": cache_rows(cfg, dtype)}
