@@ -288,7 +288,8 @@ def _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_
     import codecs
 
     from .generate import generate_steps
-    from .inference import has_experts, moe_layers
+    from .inference import moe_layers
+    from .models.rules import has_experts
     from .routing_report import summarize_step, vocab_texts
     from .views.live import LivePanel, plain_line
 
@@ -432,7 +433,7 @@ def bench(
     import torch
 
     from .bench import json_safe, run_bench
-    from .bench_plan import bench_plan
+    from .bench.plan import bench_plan
     from .views.bench import render_bench
 
     if threads is not None:

@@ -19,7 +19,7 @@ from .data import TokenData, open_or_none, read_text_file
 from .device import pick_device, pick_dtype
 from .errors import UserError
 from .evaluate import evaluate_tokens
-from .models import MODELS, MoETransformer
+from .models.rules import has_experts
 from .models.transformer import is_moe_layer
 from .routing_report import ReportInputs, RoutingReport, analyze, collect_routing, model_info
 from .tokenizer import split_chunks, load_tokenizer, token_byte_lengths, token_bytes
@@ -45,11 +45,6 @@ def load_for_inference(ckpt: Optional[Path], device: str = "auto") -> Loaded:
     dev = pick_device(device, "--device")
     model, cfg = model_from_checkpoint(state, dev, path)
     return Loaded(model, cfg, load_tokenizer(state["tokenizer"]), path, dev, state["loop"]["step"], state["tokenizer"])
-
-
-def has_experts(m: ModelConfig) -> bool:
-    """Whether the arch m names routes tokens to experts (the MoE transformer does; gpt2 does not)."""
-    return MODELS.get(m.arch) is MoETransformer
 
 
 def moe_layers(m: ModelConfig) -> list[int]:

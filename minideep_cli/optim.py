@@ -166,9 +166,8 @@ class MuonAdamW(torch.optim.Optimizer):
 def _hidden_matrices(model: nn.Module) -> set[int]:
     """ids of the parameters Muon updates: Linear weights inside the blocks (not the router, which
     is no Linear, nor the output head) and the experts' stacked weights."""
-    blocks = model.transformer.h if hasattr(model, "transformer") else model.blocks
     ids = set()
-    for module in blocks.modules():
+    for module in model.blocks.modules():
         if isinstance(module, nn.Linear):
             ids.add(id(module.weight))
         elif isinstance(module, Experts):

@@ -22,15 +22,15 @@ import torch
 from .checkpoint import check_weights, load_checkpoint, newest_run, save_checkpoint
 from .config import Config, moe_only_keys, parse_override, set_value, to_yaml, validate
 from .data import TokenData, bundled_data_dir, get_batch, make_sampler
-from .device import cpu_flags, cpu_info, cpu_native_bf16, pick_device, pick_dtype  # noqa: F401 (bench imports some from here)
+from .device import cpu_native_bf16, pick_device, pick_dtype
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
 from .errors import UserError
 from .evaluate import autocast_for, bits_per_byte, evaluate_tokens, nll_and_bytes
 from .files import remove_stale_temps
 from .generate import generate
-from .inference import has_experts
 from .models import build_model
+from .models.rules import has_experts
 from .optim import lr_at, make_optimizer, run_progress, set_lr
 
 Event = Callable[[str, dict], Optional[bool]]  # (kind, info) -> True to stop after this step

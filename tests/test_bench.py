@@ -20,7 +20,7 @@ from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.models import build_model
 from minideep_cli.models.fast import CPU_FLASH_GQA
-from minideep_cli.train import cpu_native_bf16
+from minideep_cli.device import cpu_native_bf16
 
 TOP = {"schema_version", "minideep", "torch", "python", "preset", "arch", "attention", "quick", "device", "threads",
        "sections", "elapsed_sec", "train", "moe", "decode", "memory", "tokenizer", "peers"}

@@ -5,7 +5,8 @@ dense, minideep against transformers, cached against recomputed decoding) are ra
 taken in the same process with the repetitions interleaved, so a change in machine load hits both
 sides alike. The engine returns plain data (the JSON `minideep bench --json` writes); cli.py
 renders it. Sections, one file each (peak.py: the device's peak FLOPs; timing.py: the options and
-median_times they share; this file: run_bench, which runs them):
+median_times they share; plan.py: the command's options turned into a checked plan; this file:
+run_bench, which runs them):
 
   train      tokens/s, step time, model FLOPs per token, MFU against the device's peak
   moe        one MoE layer forward+backward against a dense SwiGLU of the same active
@@ -31,7 +32,7 @@ from .. import __version__
 from ..config import Config
 from ..errors import UserError
 from ..models.rules import attention_name
-from ..train import pick_device, pick_dtype
+from ..device import pick_device, pick_dtype
 from .decode import bench_decode, cache_rows
 from .memory import bench_memory, estimate_memory, measure_cuda_peak, parse_bytes, traced_activations
 from .moe import bench_moe

@@ -25,7 +25,7 @@ from ..models import build_model
 from ..models.attention import causal_attention
 from ..models.rules import fixed_attention
 from ..optim import param_groups
-from ..train import pick_dtype
+from ..device import pick_dtype
 from .timing import BenchOptions
 from .train import train_step_fn
 

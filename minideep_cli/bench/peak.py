@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..train import cpu_flags, cpu_info
+from ..device import cpu_flags, cpu_info
 from .timing import BenchOptions, median_times, syncer
 
 # Dense BF16 tensor-core peaks with FP32 accumulation, TFLOPS (vendor specifications, no sparsity).

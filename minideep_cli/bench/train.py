@@ -14,7 +14,7 @@ from ..config import Config
 from ..evaluate import autocast_for
 from ..models import build_model
 from ..optim import make_optimizer
-from ..train import pick_dtype
+from ..device import pick_dtype
 from .peak import device_peak, matmul_tflops
 from .timing import BenchOptions, median_times, syncer
 

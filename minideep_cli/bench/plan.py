@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .bench import DEFAULT_SECTIONS, BenchOptions, bench_config, parse_bytes
-from .config import Config, moe_only_keys, resolve_config
-from .device import default_preset
-from .errors import UserError
+from . import DEFAULT_SECTIONS, BenchOptions, bench_config, parse_bytes
+from ..config import Config, moe_only_keys, resolve_config
+from ..device import default_preset
+from ..errors import UserError
 
 
 @dataclass
