@@ -74,7 +74,7 @@ class ModelConfig:
     # moe: capacity
     capacity_factor: Optional[float] = 1.25  # null = dropless
     eval_capacity_factor: Optional[float] = None  # eval and generation; null = dropless
-    drop_policy: str = "position"  # position (causal-safe) | gate (leaks the future; see README)
+    drop_policy: str = "position"  # position (causal-safe) | gate (leaks the future; docs/design.md, The MoE layer)
     # moe: balancing
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
