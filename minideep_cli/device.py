@@ -3,6 +3,9 @@ there is one, the preset is picked from the hardware, and bf16 autocast is used 
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
 from .errors import UserError
@@ -68,3 +71,24 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
 def default_preset(preset: str | None, config: object | None) -> str | None:
     """The preset asked for; without --preset and --config, the one for this machine."""
     return preset if preset is not None else (None if config else auto_preset())
+
+
+def keep_cpu_memory() -> bool:
+    """Let training on the CPU reuse its memory from step to step. Every step allocates the
+    same large tensors and frees them again: the logits and their gradients alone are batch x
+    context x vocabulary floats, 32 MiB each on the cpu preset. glibc's malloc serves blocks
+    that large with a fresh mmap and returns freed memory at the top of its heap to the kernel,
+    so every step page-faults all of it back in, zeroed: about 50,000 faults a step on the cpu
+    preset, whose step took 1.17x as long (docs/results/2026-12-06-epochs.md). This setting,
+    for the whole process, keeps such blocks in malloc's heap (no mmap; trim only past 1 GiB
+    free), so later steps reuse them; the peak memory stays the same. Linux with glibc only;
+    returns whether it was applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

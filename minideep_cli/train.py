@@ -22,7 +22,7 @@ import torch
 from .checkpoint import check_weights, load_checkpoint, newest_run, save_checkpoint
 from .config import Config, moe_only_keys, parse_override, set_value, to_yaml, validate
 from .data import TokenData, bundled_data_dir, get_batch, make_sampler
-from .device import cpu_native_bf16, pick_device, pick_dtype
+from .device import cpu_native_bf16, keep_cpu_memory, pick_device, pick_dtype
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
 from .errors import UserError
@@ -156,6 +156,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Opti
     a torchrun job. A new run needs an empty or missing run_dir (any folder with force). On
     resume, `checkpoint` is run_dir's last.pt when the caller has read it already."""
     d, device = setup(pick_device(cfg.train.device), cfg.train.distributed)
+    if device == "cpu":
+        keep_cpu_memory()
     try:
         return _train(cfg, Path(run_dir), resume, on_event, d, device, force, checkpoint)
     finally:

@@ -3,7 +3,10 @@ fit, and the JSON layout (exact key sets, each listed in docs/bench.md). No timi
 
 import copy
 import json
+import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,6 +207,40 @@ def check_keys(r: dict, sections) -> None:
         assert all(set(row) == PEERS_TRAIN for row in r["peers"]["train"])
         assert all(set(row) == PEERS_DECODE for row in r["peers"]["decode"])
     json.dumps(r, allow_nan=False)
+
+
+KEEP_MEMORY_SCRIPT = """
+import ctypes, resource, sys
+from minideep_cli.device import keep_cpu_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 40 * 2**20  # a block as large as a step's logits, freed at once as a step frees them
+def rounds(n):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        block = libc.malloc(SIZE)
+        ctypes.memset(block, 1, SIZE)  # touch every page, as a tensor's fill does
+        libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+plain = rounds(5)
+if not keep_cpu_memory():
+    sys.exit(3)
+rounds(1)  # the first block after the switch comes from the heap, and faults in once
+print(plain, rounds(5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_cpu_memory sets glibc's malloc")
+def test_keep_cpu_memory_stops_large_blocks_faulting_in_each_time():
+    # A fresh process: the setting is process-wide. 40 MiB is 10,240 pages of 4 KiB. The
+    # measured effect on a real training step is in docs/results/2026-12-06-epochs.md.
+    r = subprocess.run([sys.executable, "-c", KEEP_MEMORY_SCRIPT], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    mmapped, kept = map(int, r.stdout.split())
+    assert mmapped >= 5 * 10_240 * 0.9  # each block mmapped afresh, faulted in, unmapped on free
+    assert kept < 10_240 / 2  # the heap keeps the block: less than half a block faults in 5 rounds
 
 
 def test_json_keys_are_stable_for_every_section():

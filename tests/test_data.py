@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from minideep_cli.checkpoint import load_checkpoint
 from minideep_cli.cli import app
 from minideep_cli.data import encode as encode_mod
-from minideep_cli.data import ShardReader, Source, TokenData, find_files, plan_split, tokenize_source
+from minideep_cli.data import ShardReader, ShuffledWindows, Source, TokenData, find_files, plan_split, tokenize_source
 from minideep_cli.errors import UserError
 from minideep_cli.tokenizer import EOT
 from minideep_cli.train import train
@@ -208,6 +208,54 @@ def test_shard_reader_resumes_exactly_and_ranks_read_disjoint_parts(tmp_path):
         a, b, c, d = r0.next_batch(), r1.next_batch(), one.next_batch(), one.next_batch()
         assert torch.equal(a[0], c[0]) and torch.equal(b[0], d[0]) and torch.equal(b[1], d[1])
     assert r0.state() == r1.state() == one.state()
+
+
+def test_shuffled_windows_visit_every_window_once_an_epoch_and_resume_exactly(tmp_path):
+    T, B = 16, 4
+    data = np.arange(1000, dtype=np.uint16)  # a token is its position: x[:, 0] is the window's start
+    sampler = ShuffledWindows(data, B, T, seed=0)
+    epochs, starts = [], []
+    for _ in range(100):
+        if sampler.pos + B > len(sampler.starts):  # the next batch opens a new epoch
+            epochs.append(starts)
+            starts = []
+        x, y = sampler.next_batch()
+        assert x.shape == y.shape == (B, T) and torch.equal(y, x + 1)  # windows of consecutive tokens
+        assert torch.equal(x[:, 1:], x[:, :1] + torch.arange(1, T))
+        starts += x[:, 0].tolist()
+    assert len(epochs) >= 3
+    for seen in epochs:
+        offset = min(seen)
+        assert offset < T
+        n = (999 - offset) // T  # whole windows (T + 1 tokens) from the offset: 62 or 61
+        assert len(seen) == n // B * B and len(set(seen)) == len(seen)  # none twice in an epoch
+        assert set(seen) <= {offset + k * T for k in range(n)}
+    assert len({min(seen) for seen in epochs}) > 1  # the offset moves from epoch to epoch
+    # resume: the state mid-epoch, saved as a checkpoint does, continues with the same batches
+    straight = ShuffledWindows(data, B, T, seed=3)
+    want = [straight.next_batch() for _ in range(40)]
+    first = ShuffledWindows(data, B, T, seed=3)
+    got = [first.next_batch() for _ in range(17)]
+    torch.save({"loop": first.state()}, tmp_path / "s.pt")
+    second = ShuffledWindows(data, B, T, seed=99)
+    second.load_state(torch.load(tmp_path / "s.pt", weights_only=True)["loop"])
+    got += [second.next_batch() for _ in range(23)]
+    for (x, y), (x2, y2) in zip(want, got):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    # two ranks with B rows each read the two halves of what one process with 2B rows reads
+    r0, r1, one = (ShuffledWindows(data, B, T, 5, 0, 2), ShuffledWindows(data, B, T, 5, 1, 2),
+                   ShuffledWindows(data, 2 * B, T, 5))
+    for _ in range(20):
+        assert torch.equal(torch.cat([r0.next_batch()[0], r1.next_batch()[0]]), one.next_batch()[0])
+    # a split of fewer windows than a batch repeats them
+    x, _ = ShuffledWindows(np.arange(40, dtype=np.uint16), B, T, 0).next_batch()
+    starts = x[:, 0].tolist()
+    assert x.shape == (B, T) and len(set(starts)) <= 2 < B and len({i % T for i in starts}) == 1
+    # a checkpoint of another sampler: one clear line, not a KeyError
+    for loop, says in (({"data_pos": {"shard": 0, "offset": 0, "epoch": 0}}, "sharded"),
+                       ({"rng_data": torch.Generator().get_state()}, "0.1.0")):
+        with pytest.raises(UserError, match=says):
+            ShuffledWindows(data, B, T, 0).load_state(loop)
 
 
 def test_training_on_shards_resumes_with_exactly_the_batches_it_would_have_read(tmp_path, docs, monkeypatch):

@@ -5,7 +5,8 @@ incomplete and never used) says which:
 
 - single (`minideep tokenize FILE`): tokenizer.json, train.bin, val.bin (raw uint16/uint32 tokens,
   memory-mapped, never loaded whole). Validation = the last val_fraction of the text. Training
-  reads random windows (nanoGPT), the sampler state is a torch.Generator's.
+  reads epochs of shuffled windows (each token once an epoch), the sampler state is a
+  torch.Generator's and a position in the epoch.
 - shards (many documents: text files, JSONL, parquet, a Hugging Face dataset): tokenizer.json,
   val_000000.bin, then train_000000.bin, train_000001.bin, ... of shard_tokens tokens each (the
   last one shorter). Every document is preceded by <|endoftext|>. Validation = the first
@@ -26,11 +27,11 @@ The names below are the ones the rest of minideep uses, so it imports them from 
 """
 
 from .corpus import tokenize_corpus
-from .loader import ShardReader, TokenData, get_batch, make_sampler, open_or_none
+from .loader import ShardReader, ShuffledWindows, TokenData, get_batch, make_sampler, open_or_none
 from .prepare import bundled_data_dir, split_text, tokenize_text
 from .shards import plan_split, tokenize_source
 from .sources import Source, bundled_corpus, find_files, read_text_file
 
-__all__ = ["ShardReader", "Source", "TokenData", "bundled_corpus", "bundled_data_dir",
+__all__ = ["ShardReader", "ShuffledWindows", "Source", "TokenData", "bundled_corpus", "bundled_data_dir",
            "find_files", "get_batch", "make_sampler", "open_or_none", "plan_split", "read_text_file",
            "split_text", "tokenize_corpus", "tokenize_source", "tokenize_text"]
