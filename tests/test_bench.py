@@ -283,6 +283,17 @@ def test_peers_keys_when_transformers_is_installed():
         assert row[f"{who}_matmul_fraction"] == pytest.approx(achieved / (row["matmul_tflops"] * 1e12))
 
 
+def test_peers_time_both_sides_with_adamw_whatever_the_preset_optimizer():
+    pytest.importorskip("transformers", reason="the peers section compares with Hugging Face transformers")
+    from minideep_cli.bench.peers import hf_twin
+
+    for arch in ("gpt2", "moe"):
+        cfg = tiny_config(arch)
+        cfg.train.optimizer = "muon"
+        twin, _ = hf_twin(cfg)
+        assert twin.train.optimizer == "adamw" and cfg.train.optimizer == "muon"  # the caller's config untouched
+
+
 def test_bench_guide_documents_every_json_key():
     text = Path(__file__).resolve().parent.parent.joinpath("docs", "bench.md").read_text()
     bench = text[text.index("## JSON keys"):]

@@ -22,6 +22,8 @@ def hf_twin(cfg: Config):
     """(minideep config, transformers model) of the same architecture, or a reason why not."""
     import transformers
 
+    cfg = copy.deepcopy(cfg)
+    cfg.train.optimizer = "adamw"  # both sides take the same AdamW step, whatever the preset's optimizer
     m = cfg.model
     if not has_experts(m):  # GPT-2
         hc = transformers.GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd,

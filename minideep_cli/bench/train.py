@@ -43,7 +43,7 @@ def step_fn(model, cfg: Config, device: str, dtype, forward: Callable, loss_of: 
             batch: Optional[int] = None) -> Callable[[], None]:
     """One training step as `minideep train` runs it (one micro-batch): out = forward(x, y) with
     the preset's autocast, loss_of(out).backward() while out (the logits) is still held, clipping,
-    minideep's AdamW step, zero_grad."""
+    the optimizer's step (train.optimizer: Muon + AdamW, or AdamW), zero_grad."""
     model.train()
     opt = make_optimizer(model, cfg, device)
     ctx = autocast_for(device, dtype)

@@ -35,7 +35,7 @@ def render_bench(console, r: dict) -> None:
                   f"{' · quick' if r['quick'] else ''}")
     if r["train"]:
         t = r["train"]
-        tab = _table("train (one micro-batch step: forward, backward, clip, AdamW)", "model", "tokens/s", "step",
+        tab = _table("train (one micro-batch step: forward, backward, clip, optimizer)", "model", "tokens/s", "step",
                      "FLOPs/token", "achieved", "peak", "MFU")
         tab.add_row(f"{t['params'] / 1e6:.2f}M params ({t['active_params'] / 1e6:.2f}M active), "
                     f"{t['batch_size']}x{t['block_size']} {t['dtype']}",
