@@ -215,6 +215,7 @@ from minideep_cli.device import keep_cpu_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, as the counts below assume
 SIZE = 40 * 2**20  # a block as large as a step's logits, freed at once as a step frees them
 def rounds(n):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

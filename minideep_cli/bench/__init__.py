@@ -32,7 +32,7 @@ from .. import __version__
 from ..config import Config
 from ..errors import UserError
 from ..models.rules import attention_name
-from ..device import pick_device, pick_dtype
+from ..device import keep_cpu_memory, pick_device, pick_dtype
 from .decode import bench_decode, cache_rows
 from .memory import bench_memory, estimate_memory, measure_cuda_peak, parse_bytes, traced_activations
 from .moe import bench_moe
@@ -73,6 +73,8 @@ def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, pee
         "device": device, "threads": torch.get_num_threads(), "sections": list(opts.sections),
         **{s: None for s in SECTIONS},
     }
+    if device == "cpu":
+        keep_cpu_memory()  # as `minideep train` does, for every section (and the rest of this process)
     start = time.perf_counter()
     for section in SECTIONS:
         if section not in opts.sections:

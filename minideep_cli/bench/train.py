@@ -14,7 +14,7 @@ from ..config import Config
 from ..evaluate import autocast_for
 from ..models import build_model
 from ..optim import make_optimizer
-from ..device import keep_cpu_memory, pick_dtype
+from ..device import pick_dtype
 from .peak import device_peak, matmul_tflops
 from .timing import BenchOptions, median_times, syncer
 
@@ -81,8 +81,6 @@ def bench_train(cfg: Config, opts: BenchOptions, device: str, dtype,
         model.grad_checkpointing = c.train.grad_checkpointing
         return model, train_step_fn(model, c, device, dt)
 
-    if device == "cpu":
-        keep_cpu_memory()  # as `minideep train` does (and from here on for the rest of this process)
     model, step = step_for(cfg, dtype)
     steps, vs = {"base": step}, {}
     for label, c in (variants or {}).items():

@@ -5,7 +5,7 @@ incomplete and never used) says which:
 
 - single (`minideep tokenize FILE`): tokenizer.json, train.bin, val.bin (raw uint16/uint32 tokens,
   memory-mapped, never loaded whole). Validation = the last val_fraction of the text. Training
-  reads epochs of shuffled windows (each token once an epoch), the sampler state is a
+  reads epochs of shuffled windows (each token at most once an epoch), the sampler state is a
   torch.Generator's and a position in the epoch.
 - shards (many documents: text files, JSONL, parquet, a Hugging Face dataset): tokenizer.json,
   val_000000.bin, then train_000000.bin, train_000001.bin, ... of shard_tokens tokens each (the

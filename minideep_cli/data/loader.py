@@ -90,15 +90,16 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator) -> 
 class ShuffledWindows:
     """The single-file layout's sampler: epochs of shuffled windows. Each epoch cuts the train
     split into windows of T tokens (and the token after each, for the last target) from a random
-    offset in [0, T), and visits them in a random order, so every token is trained on once an
-    epoch. nanoGPT's independent random windows see some text several times as often as other
-    text in the same number of steps; on the bundled corpus, which the budget reads about eleven
-    times, the shuffled epochs measured 2.030 and 2.038 bits per byte in the budget against 2.062
-    and 2.062, and 2.033 against 2.047 at 1,000 steps each (docs/results/2026-12-06-epochs.md).
-    An epoch too short for one step repeats its windows in fresh orders. Under torchrun every
-    rank walks the same order, and a step of all ranks takes world * B windows of it, rank r the
-    rows [r*B, (r+1)*B). The state is the generator's at the start of the epoch and the position
-    in it."""
+    offset in [0, T), and visits them in a random order, so every token is trained on at most
+    once an epoch (the last fewer than world * B windows of an epoch's order, a random few, wait
+    for the next epoch's new order). nanoGPT's independent random windows see some text several
+    times as often as other text in the same number of steps; on the bundled corpus, which the
+    budget reads about eleven times, the shuffled epochs measured 2.033 bits per byte against
+    2.047 at 1,000 steps each (one run each), and 2.030 to 2.038 in four budget runs against
+    2.062 twice (docs/results/2026-12-06-epochs.md). An epoch too short for one step repeats its
+    windows in fresh orders. Under torchrun every rank walks the same order, and a step of all
+    ranks takes world * B windows of it, rank r the rows [r*B, (r+1)*B). The state is the
+    generator's at the start of the epoch and the position in it."""
 
     def __init__(self, data: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
         import torch
@@ -120,7 +121,7 @@ class ShuffledWindows:
             offset = 0
         n = (len(self.data) - 1 - offset) // T  # windows of T + 1 tokens from offset
         orders = [torch.randperm(n, generator=self.generator) for _ in range(-(-need // n))]
-        self.starts = (offset + T * torch.cat(orders)).tolist()  # window starts, in visiting order
+        self.starts = (offset + T * torch.cat(orders)).numpy()  # window starts, in visiting order
         self.pos = 0
 
     def next_batch(self) -> tuple:
@@ -142,7 +143,8 @@ class ShuffledWindows:
             raise UserError("--resume: the checkpoint read sharded data sequentially; this data dir is a single file")
         if "rng_epoch" not in loop:
             raise UserError("--resume: the checkpoint comes from a minideep that drew its windows at random "
-                            "(0.1.0); finish that run with 0.1.0, or start a new one")
+                            "(0.1.0, or a build before shuffled epochs); finish that run with that version, "
+                            "or start a new one")
         self.generator.set_state(loop["rng_epoch"])
         self.new_epoch()
         self.pos = int(loop["epoch_pos"])
