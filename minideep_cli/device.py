@@ -80,9 +80,9 @@ def keep_cpu_memory() -> bool:
     that large with a fresh mmap and returns freed memory at the top of its heap to the kernel,
     so every step page-faults all of it back in, zeroed: about 50,000 faults a step on the cpu
     preset, whose step took 1.03x to 1.17x as long (docs/results/2026-12-06-epochs.md). This
-    setting, for the whole process, keeps such blocks in malloc's heap (no mmap; trim only past 1 GiB
-    free), so later steps reuse them; the peak memory stays the same. Linux with glibc only;
-    returns whether it was applied."""
+    setting, for the whole process, keeps such blocks in malloc's heap (no mmap; trim only past
+    1 GiB free), so later steps reuse them; the peak memory stays the same. Linux with glibc
+    only; returns whether it was applied."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -74,17 +74,27 @@ class TokenData:
         return token_byte_lengths(self.tokenizer())
 
 
-def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator) -> tuple:
-    """Random windows (nanoGPT): x = data[i:i+T], y = data[i+1:i+T+1]. -> (B, T) int64 each."""
+def check_split(data: np.ndarray, block_size: int) -> None:
+    if len(data) < block_size + 2:
+        raise UserError(f"split has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
+
+
+def windows(data: np.ndarray, starts, block_size: int) -> tuple:
+    """The windows at these starts: x = data[i:i+T], y = data[i+1:i+T+1]. -> (B, T) int64 each."""
     import torch
 
-    n = len(data) - block_size - 1
-    if n <= 0:
-        raise UserError(f"split has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
-    starts = torch.randint(n, (batch_size,), generator=generator).tolist()
     xy = np.stack([np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts])
     xy = torch.from_numpy(xy)  # (B, T+1)
     return xy[:, :-1], xy[:, 1:]
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator) -> tuple:
+    """Random windows (nanoGPT), as validation draws them. -> (B, T) int64 each."""
+    import torch
+
+    check_split(data, block_size)
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    return windows(data, starts, block_size)
 
 
 class ShuffledWindows:
@@ -104,9 +114,7 @@ class ShuffledWindows:
     def __init__(self, data: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
         import torch
 
-        n = len(data) - block_size - 1
-        if n <= 0:
-            raise UserError(f"split has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
+        check_split(data, block_size)
         self.data, self.B, self.T, self.rank, self.world = data, batch_size, block_size, rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.new_epoch()
@@ -125,15 +133,12 @@ class ShuffledWindows:
         self.pos = 0
 
     def next_batch(self) -> tuple:
-        import torch
-
         need = self.world * self.B
         if self.pos + need > len(self.starts):
             self.new_epoch()
         rows = self.starts[self.pos + self.rank * self.B : self.pos + (self.rank + 1) * self.B]
         self.pos += need
-        xy = torch.from_numpy(np.stack([np.asarray(self.data[i : i + self.T + 1], dtype=np.int64) for i in rows]))
-        return xy[:, :-1], xy[:, 1:]  # (B, T) each
+        return windows(self.data, rows, self.T)  # (B, T) each
 
     def state(self) -> dict:
         return {"rng_epoch": self.epoch_rng, "epoch_pos": self.pos}
