@@ -94,7 +94,8 @@ def _console():
 def tokenize(
     ctx: typer.Context,
     files: Annotated[Optional[List[Path]], typer.Argument(
-        help="Text, JSONL or parquet files, or folders of them; default: the bundled tiny Shakespeare.")] = None,
+        help="Text, JSONL or parquet files, or folders (every text file in them, whatever its extension); "
+             "default: the bundled tiny Shakespeare.")] = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="A Hugging Face dataset (streamed; needs the `hf` extra) or a local dataset folder.")] = None,
     name: Annotated[Optional[str], typer.Option(help="The dataset's configuration, e.g. sample-10BT.")] = None,
@@ -106,24 +107,35 @@ def tokenize(
     shard_tokens: Annotated[Optional[int], typer.Option(
         help="Sharded: tokens per train shard; default: a quarter of the training split, at most 100M.")] = None,
     val_tokens: Annotated[Optional[int], typer.Option(
-        help="Sharded: tokens of the validation shard; default: the first whole documents, about 10%, at most 10M.")] = None,
+        help="Sharded: tokens of the validation shard; default: random whole documents, about 10%, at most 10M.")] = None,
     tokenizer_sample_bytes: Annotated[Optional[int], typer.Option(
         help="Sharded: train the tokenizer on the first this many bytes of text; default: 100M.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Sharded: stop after this many tokens in all.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Encoding processes; default: CPU cores - 1.")] = None,
+    include: Annotated[Optional[List[str]], typer.Option(
+        help="Folders: read only files matching this glob (repeatable; '*.py' matches at any depth).")] = None,
+    exclude: Annotated[Optional[List[str]], typer.Option(
+        help="Folders: leave out files matching this glob (repeatable; wins over --include).")] = None,
+    seed: Annotated[int, typer.Option(help="Sharded: the seed of the document order and validation sample.")] = 1337,
+    shuffle: Annotated[bool, typer.Option(
+        "--shuffle/--no-shuffle", help="Sharded: documents in a seeded random order (validation a random "
+        "sample of them), or in the order given (files sorted within folders).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace a data dir made from other text or settings, "
                                         "or write into a folder holding other files.")] = False,
 ):
     """Train a byte-level BPE and encode a corpus into train/val token files.
 
     One text file gives train.bin/val.bin (validation = the last 10%). Many documents (several
-    files, folders, JSONL, parquet, --dataset) give token shards, validation first (by default
-    the first whole documents, about 10% of the tokens), each document after an
-    <|endoftext|>; rerunning an interrupted command resumes at the last complete shard. An --out holding other data (which runs may have trained on) is refused
-    without --force.
+    files, folders, JSONL, parquet, --dataset) give token shards, each document after an
+    <|endoftext|>, in a seeded random order; validation is a random sample of whole documents
+    (about 10% of the tokens, at most 10M). A folder means every UTF-8 text file below it
+    (code, markdown, no extension alike); binary, undecodable and hidden files are skipped and
+    counted in the summary. Rerunning an interrupted command resumes at the last complete shard.
+    An --out holding other data (which runs may have trained on) is refused without --force.
 
     Example: [bold]minideep tokenize input.txt --vocab-size 4096 --out data/mytext[/bold]
     then [bold]minideep train --data data/mytext[/bold] ·
+    [bold]minideep tokenize ~/code/myproject --exclude '*.min.js' --out data/mycode[/bold] ·
     [bold]minideep tokenize --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --vocab-size 32768 --out data/fineweb[/bold]
     """
     from .data import tokenize_corpus
@@ -134,7 +146,8 @@ def tokenize(
         meta = tokenize_corpus(out, files, dataset, vocab_size, val_fraction, view, name=name, split=split,
                                text_column=text_column, shard_tokens=shard_tokens, val_tokens=val_tokens,
                                tokenizer_sample_bytes=tokenizer_sample_bytes, max_tokens=max_tokens, workers=workers,
-                               force=force)
+                               force=force, include=tuple(include or ()), exclude=tuple(exclude or ()), seed=seed,
+                               shuffle=shuffle)
     finally:
         view.close()
     print(tokenize_summary(out, meta))

@@ -31,6 +31,7 @@ SECTIONS = ("model", "data", "train", "sample")
 ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
 OPTIMIZERS = ("adamw", "muon")  # train.optimizer
 SCHEDULES = ("cosine", "wsd")  # train.schedule
+DATA_ORDERS = ("shuffled", "sequential")  # data.order
 
 
 @dataclass
@@ -91,6 +92,9 @@ class DataConfig:
     dir: str = ""  # token files from `minideep tokenize`; "" = the bundled corpus
     vocab_size: int = 2048  # BPE vocabulary when train tokenizes the bundled corpus itself
     val_fraction: float = 0.1  # the last 10% of the text
+    # how training reads the train split: shuffled (epochs of shuffled windows over every shard) |
+    # sequential (the shards in order as one stream, as minideep 0.1 read sharded data)
+    order: str = "shuffled"
 
 
 @dataclass
@@ -392,6 +396,8 @@ def validate(cfg: Config) -> None:
     _require("train", t, ("cooldown",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
     if t.optimizer not in OPTIMIZERS:
         raise UserError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
+    if cfg.data.order not in DATA_ORDERS:
+        raise UserError(f"data.order must be one of {', '.join(DATA_ORDERS)}, got '{cfg.data.order}'")
     if t.schedule not in SCHEDULES:
         raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{t.schedule}'")
     if t.schedule == "wsd" and t.warmup + t.cooldown > 1:

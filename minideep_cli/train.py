@@ -237,7 +237,8 @@ class Trainer:
         self.model.grad_checkpointing = t.grad_checkpointing
         self.wrapped = wrap(self.model, d, device)
         self.optimizer = make_optimizer(self.model, cfg, device)
-        self.sampler = make_sampler(data, t.batch_size, cfg.model.block_size, t.seed, d.rank, d.world)
+        self.sampler = make_sampler(data, t.batch_size, cfg.model.block_size, t.seed, d.rank, d.world,
+                                    cfg.data.order)
         self.state = RunState()
         self.restore(ckpt)
         if d.main:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from minideep_cli.checkpoint import load_checkpoint
 from minideep_cli.cli import app
 from minideep_cli.data import encode as encode_mod
+from minideep_cli.data import shards as shards_mod
 from minideep_cli.data import ShardReader, ShuffledWindows, Source, TokenData, find_files, plan_split, tokenize_source
 from minideep_cli.errors import UserError
 from minideep_cli.tokenizer import EOT
@@ -148,7 +149,7 @@ def test_bad_sources_get_one_clear_line(tmp_path, docs):
     with pytest.raises(UserError, match="too few"):
         tokenize_source(Source(find_files(paths["txt"])), tmp_path / "x", **{**OPTS, "val_tokens": 10**7})
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no .txt, .jsonl or .parquet"):
+    with pytest.raises(UserError, match="holds no text, JSONL or parquet files"):
         find_files([tmp_path / "empty"])
 
 
@@ -216,7 +217,7 @@ def test_shuffled_windows_visit_each_window_at_most_once_an_epoch_and_resume_exa
     sampler = ShuffledWindows(data, B, T, seed=0)
     epochs, starts = [], []
     for _ in range(100):
-        if sampler.pos + B > len(sampler.starts):  # the next batch opens a new epoch
+        if sampler.pos + B > len(sampler.rows):  # the next batch opens a new epoch
             epochs.append(starts)
             starts = []
         x, y = sampler.next_batch()
@@ -256,25 +257,28 @@ def test_shuffled_windows_visit_each_window_at_most_once_an_epoch_and_resume_exa
     starts = x[:, 0].tolist()
     assert x.shape == (B, T) and len(set(starts)) <= 2 < B and len({i % T for i in starts}) == 1
     # a checkpoint of another sampler: one clear line, not a KeyError
-    for loop, says in (({"data_pos": {"shard": 0, "offset": 0, "epoch": 0}}, "sharded"),
+    for loop, says in (({"data_pos": {"shard": 0, "offset": 0, "epoch": 0}}, "data.order=sequential"),
                        ({"rng_data": torch.Generator().get_state()}, "0.1.0")):
         with pytest.raises(UserError, match=says):
             ShuffledWindows(data, B, T, 0).load_state(loop)
 
 
-def test_training_on_shards_resumes_with_exactly_the_batches_it_would_have_read(tmp_path, docs, monkeypatch):
+@pytest.mark.parametrize("order", ["shuffled", "sequential"])
+def test_training_on_shards_resumes_with_exactly_the_batches_it_would_have_read(tmp_path, docs, monkeypatch, order):
     paths = write_sources(tmp_path, docs)
     small_val = {**OPTS, "val_tokens": 300}  # the final full validation pass stays short
     tokenize_source(Source(find_files(paths["parquet"]), text_column="body"), tmp_path / "d", **small_val)
     seen: list = []
-    real = ShardReader.next_batch
+    sampler = ShuffledWindows if order == "shuffled" else ShardReader
+    real = sampler.next_batch
 
     def recording(self):
         x, y = real(self)
         seen.append(x.clone())
         return x, y
-    monkeypatch.setattr(ShardReader, "next_batch", recording)
+    monkeypatch.setattr(sampler, "next_batch", recording)
     cfg = tiny_train_cfg(tmp_path / "d", "moe", max_steps=8, eval_interval=4, batch_size=4, grad_accum=2)
+    cfg.data.order = order
     cfg.model.bias_update_rate = 0.01
     losses_a: list = []
     train(cfg, tmp_path / "a", on_event=lambda k, i: losses_a.append(i["loss"]) if k == "step" else None)
@@ -287,8 +291,11 @@ def test_training_on_shards_resumes_with_exactly_the_batches_it_would_have_read(
             losses_b.append(info["loss"])
             return info["step"] == 3
     assert train(cfg, tmp_path / "b", on_event=stop_at_3).stopped == "interrupted"
-    pos = load_checkpoint(tmp_path / "b" / "last.pt")["loop"]["data_pos"]
-    assert pos == {"shard": 0, "offset": 3 * 2 * 4 * 32, "epoch": 0}  # the only state: no RNG for data
+    loop = load_checkpoint(tmp_path / "b" / "last.pt")["loop"]
+    if order == "sequential":
+        assert loop["data_pos"] == {"shard": 0, "offset": 3 * 2 * 4 * 32, "epoch": 0}  # no RNG for data
+    else:
+        assert (loop["epoch_group"], loop["epoch_pos"]) == (0, 3 * 2 * 4) and "data_pos" not in loop
     train(cfg, tmp_path / "b", resume=True, on_event=lambda k, i: losses_b.append(i["loss"]) if k == "step" else None)
     assert len(seen) == len(straight) == 16
     assert all(torch.equal(a, b) for a, b in zip(straight, seen))
@@ -299,22 +306,22 @@ def test_plan_split_scales_with_the_corpus():
     n = 50
     # the whole corpus read: 10% of its tokens in whole documents, the rest in four shards
     assert plan_split([n] * 40, None, True) == (4 * n, 9 * n)
-    assert plan_split([n] * 40, 1.0, False) == (4 * n, 9 * n)
     # whole documents until 10% (101 of 1,010) is reached, the one crossing it included
     assert plan_split([30, 30, 50] + [100] * 9, None, True) == (110, 225)
     # a document longer than twice the split (three books) is cut at 10%, as one text file is
     assert plan_split([5000, 5000, 5000], None, True) == (1500, 3375)
-    # a source of known size decides once 10% of it is read (the total estimated from that);
-    # a stream of unknown length only at its end, or once the caps apply whatever follows
+    # documents are held (to be shuffled and sampled) until the source ends or HOLD_TOKENS
+    # (100M) are held, whatever share of a source of known size that is; then the caps apply
     assert plan_split([n] * 2, 0.05, False) is None
-    assert plan_split([0] * 9, 0.5, False) is None  # empty documents only: nothing to estimate from
-    assert plan_split([n] * 4, 0.1, False) == (4 * n, 9 * n)
+    assert plan_split([0] * 9, 0.5, False) is None
+    assert plan_split([n] * 4, 0.1, False) is None
     assert plan_split([n] * 40, None, False) is None
     assert plan_split([10**6] * 99, None, False) is None
     assert plan_split([10**6] * 100, None, False) == (10**7, 22_500_000)
-    assert plan_split([10**6] * 10, 0.01, False) == (10**7, 10**8)  # a billion tokens: both caps
-    # given sizes win; --max-tokens is the total
-    assert plan_split([], None, False, val_tokens=2500, shard_tokens=4000) == (2500, 4000)
+    assert plan_split([10**6] * 100, 0.1, False) == (10**7, 10**8)  # a billion tokens: both caps
+    # given sizes win (once the documents are in); --max-tokens is the total
+    assert plan_split([n] * 2, None, False, val_tokens=2500, shard_tokens=4000) is None
+    assert plan_split([n] * 2, None, True, val_tokens=2500, shard_tokens=4000) == (2500, 4000)
     assert plan_split([n] * 40, None, True, val_tokens=7) == (7, 499)
     assert plan_split([n] * 40, None, True, shard_tokens=123) == (4 * n, 123)
     assert plan_split([n] * 40, None, False, max_tokens=1000) == (2 * n, 225)
@@ -339,16 +346,18 @@ def test_default_split_is_the_first_tenth_in_whole_documents_for_every_source(tm
     assert d.val[0] == eot and d.train_shards[0][0] == eot  # both splits start at a document
 
 
-def test_a_source_of_known_size_is_split_after_reading_a_tenth_not_all(tmp_path, corpus_text, monkeypatch):
+def test_a_large_source_is_split_after_holding_hold_tokens_not_all_of_it(tmp_path, corpus_text, monkeypatch):
     doc = corpus_text[:500]
     root = tmp_path / "ds"
     root.mkdir()
     (root / "a.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for _ in range(100)))
     monkeypatch.setattr(encode_mod, "BATCH_CHARS", 7 * len(doc))  # 7 documents a batch
+    tokenize_source(Source(find_files([root])), tmp_path / "all", seed=1, **SMALL)  # all held at once
+    n = 1 + len(TokenData.open(tmp_path / "all").tokenizer().encode(doc).ids)
+    monkeypatch.setattr(shards_mod, "HOLD_TOKENS", 12 * n)  # memory holds 12 documents, not 100
     events: list = []
-    meta = tokenize_source(Source(find_files([root])), tmp_path / "out", progress=events.append, **SMALL)
-    n = 1 + len(TokenData.open(tmp_path / "out").tokenizer().encode(doc).ids)
-    # decided after 14 documents (the first batch past 10% of the file): 100 estimated, 10 for validation
+    meta = tokenize_source(Source(find_files([root])), tmp_path / "out", progress=events.append, seed=1, **SMALL)
+    # decided after 14 documents (the first batch past 12): 100 estimated, 10 for validation
     assert (meta["val_tokens"], meta["val_documents"], meta["shard_tokens"]) == (10 * n, 10, -(-90 * n // 4))
     assert meta["train_tokens"] == 90 * n
     first_shard = next(i for i, e in enumerate(events) if e["phase"] == "shard")

@@ -1,7 +1,7 @@
 """Batches back out of a data dir: open it (checking every file against meta.json) and read
-training batches, as epochs of shuffled windows (single layout, whose state is a
-torch.Generator's and a position in the epoch) or as one stream through the train shards
-(sharded layout, whose state is a position: shard, offset, epoch)."""
+training batches, as epochs of shuffled windows over every train shard (whose state is a
+torch.Generator's and a position in the epoch), or, asked for, as one stream through the train
+shards in order (whose state is a position: shard, offset, epoch)."""
 
 from __future__ import annotations
 
@@ -81,9 +81,15 @@ def check_split(data: np.ndarray, block_size: int) -> None:
 
 def windows(data: np.ndarray, starts, block_size: int) -> tuple:
     """The windows at these starts: x = data[i:i+T], y = data[i+1:i+T+1]. -> (B, T) int64 each."""
+    return shard_windows([data], [(0, i) for i in starts], block_size)
+
+
+def shard_windows(shards: list, rows, block_size: int) -> tuple:
+    """The windows at these (shard, start) rows: x = shard[i:i+T], y = shard[i+1:i+T+1].
+    -> (B, T) int64 each."""
     import torch
 
-    xy = np.stack([np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts])
+    xy = np.stack([np.asarray(shards[k][i : i + block_size + 1], dtype=np.int64) for k, i in rows])
     xy = torch.from_numpy(xy)  # (B, T+1)
     return xy[:, :-1], xy[:, 1:]
 
@@ -97,25 +103,36 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator) -> 
     return windows(data, starts, block_size)
 
 
-class ShuffledWindows:
-    """The single-file layout's sampler: epochs of shuffled windows. Each epoch cuts the train
-    split into windows of T tokens (and the token after each, for the last target) from a random
-    offset in [0, T), and visits them in a random order, so every token is trained on at most
-    once an epoch (the last fewer than world * B windows of an epoch's order, a random few, wait
-    for the next epoch's new order). nanoGPT's independent random windows see some text several
-    times as often as other text in the same number of steps; on the bundled corpus, which the
-    budget reads about eleven times, the shuffled epochs measured 2.033 bits per byte against
-    2.047 at 1,000 steps each (one run each), and 2.030 to 2.038 in four budget runs against
-    2.062 twice (docs/results/2026-12-06-epochs.md). An epoch too short for one step repeats its
-    windows in fresh orders. Under torchrun every rank walks the same order, and a step of all
-    ranks takes world * B windows of it, rank r the rows [r*B, (r+1)*B). The state is the
-    generator's at the start of the epoch and the position in it."""
+GROUP_TOKENS = 400_000_000  # an epoch shuffles the windows of shards together in groups of at least this many tokens
 
-    def __init__(self, data: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
+
+class ShuffledWindows:
+    """The training sampler: epochs of shuffled windows over every train shard (one in the
+    single-file layout). Each epoch takes the shards in a random order and cuts each into windows
+    of T tokens (and the token after each, for the last target) from a random offset in [0, T);
+    the shards are taken in groups of at least GROUP_TOKENS tokens (one group for any corpus
+    below twice that; tens of FineWeb shards make several), and each group's windows are visited in a random
+    order, so the rows of a batch come from all over the group, every token is trained on at
+    most once an epoch, and memory holds one group's window list, not the corpus's. The last
+    fewer than world * B windows of a group's order, a random few, wait for the next epoch. A
+    split too short for one step repeats its windows in fresh orders. Why shuffled windows rather
+    than reading the stream in order: docs/results/2026-12-06-epochs.md (one text read eleven
+    times) and docs/results/2026-12-07-corpus.md (a folder of files read about once).
+
+    Under torchrun every rank walks the same order, and a step of all ranks takes world * B
+    windows of it, rank r the rows [r*B, (r+1)*B). The state is the generator's at the start of
+    the epoch, the group and the position in it; one shard draws exactly what the single-file
+    sampler always drew (no shard order), so its runs and checkpoints are unchanged."""
+
+    def __init__(self, shards, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1,
+                 group_tokens: int = GROUP_TOKENS):
         import torch
 
-        check_split(data, block_size)
-        self.data, self.B, self.T, self.rank, self.world = data, batch_size, block_size, rank, world
+        self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
+        self.B, self.T, self.rank, self.world, self.group_tokens = batch_size, block_size, rank, world, group_tokens
+        if not any(len(s) >= block_size + 2 for s in self.shards):
+            total = sum(len(s) for s in self.shards)
+            raise UserError(f"split has {total} tokens, fewer than block_size + 2 = {block_size + 2}")
         self.generator = torch.Generator().manual_seed(seed)
         self.new_epoch()
 
@@ -123,40 +140,69 @@ class ShuffledWindows:
         import torch
 
         self.epoch_rng = self.generator.get_state()
-        T, need = self.T, self.world * self.B
-        offset = int(torch.randint(T, (1,), generator=self.generator))
-        if len(self.data) - 1 - offset < T:  # no whole window after this offset
-            offset = 0
-        n = (len(self.data) - 1 - offset) // T  # windows of T + 1 tokens from offset
-        orders = [torch.randperm(n, generator=self.generator) for _ in range(-(-need // n))]
-        self.starts = (offset + T * torch.cat(orders)).numpy()  # window starts, in visiting order
-        self.pos = 0
+        n = len(self.shards)
+        order = torch.randperm(n, generator=self.generator).tolist() if n > 1 else [0]
+        self.groups, size = [[]], 0  # consecutive shards of the order, at least group_tokens each
+        for k in order:
+            if size >= self.group_tokens:
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append(k)
+            size += len(self.shards[k])
+        if len(self.groups) > 1 and size < self.group_tokens:  # a short last group joins the one before
+            last = self.groups.pop()
+            self.groups[-1] += last
+        self.group = -1
+        self.next_group()
+
+    def next_group(self) -> None:
+        """The next group's windows, (shard, start) rows in visiting order."""
+        import torch
+
+        self.group, self.pos = self.group + 1, 0
+        T, need, found = self.T, self.world * self.B, []
+        for k in self.groups[self.group]:
+            size = len(self.shards[k])
+            offset = int(torch.randint(T, (1,), generator=self.generator))
+            if size - 1 - offset < T:  # no whole window after this offset
+                offset = 0
+            starts = offset + T * np.arange(max(0, (size - 1 - offset) // T), dtype=np.int64)
+            found.append(np.stack([np.full_like(starts, k), starts], axis=1))  # (n_k, 2)
+        rows = np.concatenate(found)  # (n, 2): shard, start
+        if not len(rows):  # a group of shards all shorter than a window: on to the next
+            return self.next_group() if self.group + 1 < len(self.groups) else self.new_epoch()
+        orders = [torch.randperm(len(rows), generator=self.generator) for _ in range(-(-need // len(rows)))]
+        self.rows = rows[torch.cat(orders).numpy()]  # in visiting order
 
     def next_batch(self) -> tuple:
         need = self.world * self.B
-        if self.pos + need > len(self.starts):
-            self.new_epoch()
-        rows = self.starts[self.pos + self.rank * self.B : self.pos + (self.rank + 1) * self.B]
+        if self.pos + need > len(self.rows):
+            self.next_group() if self.group + 1 < len(self.groups) else self.new_epoch()
+        rows = self.rows[self.pos + self.rank * self.B : self.pos + (self.rank + 1) * self.B]
         self.pos += need
-        return windows(self.data, rows, self.T)  # (B, T) each
+        return shard_windows(self.shards, rows, self.T)  # (B, T) each
 
     def state(self) -> dict:
-        return {"rng_epoch": self.epoch_rng, "epoch_pos": self.pos}
+        return {"rng_epoch": self.epoch_rng, "epoch_group": self.group, "epoch_pos": self.pos}
 
     def load_state(self, loop: dict) -> None:
         if "data_pos" in loop:
-            raise UserError("--resume: the checkpoint read sharded data sequentially; this data dir is a single file")
+            raise UserError("--resume: the checkpoint read its shards in order (minideep 0.1); "
+                            "continue it with -o data.order=sequential")
         if "rng_epoch" not in loop:
             raise UserError("--resume: the checkpoint comes from a minideep that drew its windows at random "
                             "(0.1.0, or a build before shuffled epochs); finish that run with that version, "
                             "or start a new one")
         self.generator.set_state(loop["rng_epoch"])
-        self.new_epoch()
+        self.new_epoch()  # the epoch's draws again, up to the group the checkpoint was in
+        for _ in range(int(loop.get("epoch_group", 0))):
+            self.next_group()
         self.pos = int(loop["epoch_pos"])
 
 
 class ShardReader:
-    """The sharded layout's sampler: the train shards read in order as one token stream.
+    """The train shards read in order as one token stream (`data.order: sequential`, as minideep
+    0.1 read a sharded data dir; kept to compare against and to finish such runs).
 
     A micro-step of all ranks takes world * B * T consecutive tokens from the position; rank r
     reads rows [r*B, (r+1)*B) of it (plus one token for the last target), so the ranks read
@@ -202,18 +248,18 @@ class ShardReader:
     def load_state(self, loop: dict) -> None:
         p = loop.get("data_pos")
         if p is None:
-            raise UserError("--resume: the checkpoint sampled windows of single-file data, "
-                            "this data dir is sharded")
+            raise UserError("--resume: the checkpoint read shuffled windows; continue it with -o data.order=shuffled")
         if not 0 <= p["shard"] < len(self.shards) or not 0 <= p["offset"] <= len(self.shards[p["shard"]]):
             raise UserError(f"--resume: the checkpoint's data position {p} is outside this data dir's shards")
         self.pos, self.epoch = self.starts[p["shard"]] + p["offset"], p["epoch"]
 
 
-def make_sampler(data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
-    """Shuffled epochs of windows for the single-file layout, sequential reading for the sharded one."""
-    if data.layout == "shards":
+def make_sampler(data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1,
+                 order: str = "shuffled"):
+    """Shuffled epochs of windows over every train shard, or (order "sequential") the shards read in order."""
+    if order == "sequential":
         return ShardReader(data.train_shards, batch_size, block_size, rank, world)
-    return ShuffledWindows(data.train, batch_size, block_size, seed, rank, world)
+    return ShuffledWindows(data.train_shards, batch_size, block_size, seed, rank, world)
 
 
 def open_or_none(cfg) -> Optional[TokenData]:

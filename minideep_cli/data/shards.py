@@ -2,22 +2,26 @@
 
 Text files, JSONL, parquet or a Hugging Face dataset (sources.py) become one token stream, every
 document preceded by <|endoftext|>, cut into val_000000.bin, then train_000000.bin,
-train_000001.bin, ... Validation = the first val_tokens tokens of the stream (by default its
-first whole documents, about 10%: plan_split); training reads the train shards in order as one
-stream (loader.py). tokenize_source runs in named steps:
+train_000001.bin, ... The first documents of the source (all of it, up to HOLD_TOKENS) are held
+and written in a seeded random order, so validation, the first val_tokens tokens of the stream
+(by default whole documents, about 10%: plan_split), is a random sample of documents and no
+shard holds one corner of the corpus; training reads shuffled windows of all train shards
+(loader.py). tokenize_source runs in named steps:
 
   _finished, _unfinished  a rerun of a finished command returns its meta.json; an unfinished run
                           with the same settings goes on from progress.json
   _start_or_resume        otherwise the tokenizer is trained on the source's first bytes and
                           progress.json (which marks an unfinished data dir) written first
   _feed                   encoded records go into a _SplitStream, which holds the first documents
-                          until plan_split decides the sizes, then hands them to a _ShardWriter:
+                          until plan_split decides the sizes, then hands them, shuffled, and every
+                          later one to a _ShardWriter:
                           each shard is written whole, then progress.json says where the stream
                           stands
   _finish                 both splits checked, meta.json written (last), progress.json removed
 
-The settings (the options, and the source's fingerprint: every file's path, size and SHA-256,
-or the dataset's name) are kept in progress.json and meta.json, so a rerun knows its own work.
+The settings (the options, the shuffle seed, and the source's fingerprint: every file's path, size
+and SHA-256 in the order read, or the dataset's name) are kept in progress.json and meta.json, so
+a rerun knows its own work and writes the same files.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ VAL_CAP = 10_000_000  # ...but at most this many (FineWeb's)
 SHARD_CAP = 100_000_000  # default train shard size: at most this many tokens...
 FEW_SHARDS = 4  # ...and small enough that the training split makes about this many shards
 MIN_TEXT_BYTES = 1_000  # less text than this is too little to split into training and validation
+HOLD_TOKENS = VAL_CAP * 10  # documents held (shuffled, validation sampled) before the first shard is written
 
 
 def tokenize_source(
@@ -57,11 +62,15 @@ def tokenize_source(
     workers: int = 1,
     progress: Optional[ShardProgress] = None,
     force: bool = False,
+    seed: Optional[int] = None,
 ) -> dict:
     """Train a BPE on the first tokenizer_sample_bytes of the source, then encode every document
     into token shards: the first val_tokens tokens into val_000000.bin, the rest into train
     shards of shard_tokens (stopping after max_tokens tokens in all, if set); sizes not given
-    scale with the corpus (plan_split). Each shard is written to a temporary name and renamed;
+    scale with the corpus (plan_split). With a seed, the held first documents (all of a corpus of
+    up to HOLD_TOKENS) are written in a random order drawn from it, so validation is a random
+    sample of whole documents; without one, in the source's order. Each shard is written to a
+    temporary name and renamed;
     progress.json records the shards done and where the stream stands, so calling this again
     with the same arguments resumes at the last complete shard and gives exactly the files an
     uninterrupted run gives. Returns meta."""
@@ -69,7 +78,8 @@ def tokenize_source(
     report = progress or (lambda info: None)
     out = Path(out_dir)
     settings = {"source": source.describe(), "vocab_size": vocab_size, "shard_tokens": shard_tokens,
-                "val_tokens": val_tokens, "tokenizer_sample_bytes": tokenizer_sample_bytes, "max_tokens": max_tokens}
+                "val_tokens": val_tokens, "tokenizer_sample_bytes": tokenizer_sample_bytes, "max_tokens": max_tokens,
+                "shuffle_seed": seed}
     settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples -> lists)
     check_data_out_dir(out, lambda m: m.get("settings") == settings, force)
     meta = _finished(out, settings)
@@ -79,7 +89,7 @@ def tokenize_source(
     dtype = dtype_for(tok.get_vocab_size())
     blen = np.asarray(token_byte_lengths(tok), dtype=np.int64)  # UTF-8 bytes of each token id
     stream = _SplitStream(lambda plan: _ShardWriter(out, state, plan, max_tokens, dtype, blen, report),
-                          state, blen, (val_tokens, shard_tokens, max_tokens))
+                          state, blen, (val_tokens, shard_tokens, max_tokens), seed)
     batches = encoded_batches(source.records(state["records"]), tok, tok_json, tok.token_to_id(EOT), dtype, workers)
     _feed(stream, batches, report)
     return _finish(out, source, settings, stream.close(), tok, dtype)
@@ -125,6 +135,10 @@ def _start_or_resume(out: Path, source: Source, settings: dict, report: ShardPro
         for f in out.glob(".*.tmp"):  # a shard a killed run was writing: never used
             f.unlink()
         tok_json = (out / "tokenizer.json").read_text()
+        if state["records"] < state.get("held", 0):  # killed among the shuffled first documents:
+            _remove_data_files(out)  # they are read and shuffled again, to the same files
+            state = _fresh_state(settings)
+            write_file(out / "progress.json", json.dumps(state).encode())
         return state, load_tokenizer(tok_json), tok_json
     sample = sample_for_tokenizer(source, settings["tokenizer_sample_bytes"])
     report({"phase": "tokenizer", "bytes": settings["tokenizer_sample_bytes"]})
@@ -133,10 +147,15 @@ def _start_or_resume(out: Path, source: Source, settings: dict, report: ShardPro
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten last
     _remove_data_files(out)
-    state = {"settings": settings, "shards": [], "records": 0, "skip_tokens": 0, "documents": 0}
+    state = _fresh_state(settings)
     write_file(out / "progress.json", json.dumps(state).encode())  # first: marks an unfinished data dir
     write_file(out / "tokenizer.json", tok_json.encode())
     return state, tok, tok_json
+
+
+def _fresh_state(settings: dict) -> dict:
+    """progress.json of a run that has written no shard."""
+    return {"settings": settings, "shards": [], "records": 0, "skip_tokens": 0, "documents": 0}
 
 
 def _feed(stream: _SplitStream, batches: Iterator[tuple[list[np.ndarray], Optional[float]]],
@@ -162,18 +181,20 @@ def _feed(stream: _SplitStream, batches: Iterator[tuple[list[np.ndarray], Option
 
 
 class _SplitStream:
-    """The records' token arrays, in stream order, on their way to the shards. Until plan_split
-    can decide the validation and shard sizes, documents are held (none was written yet, so
-    records count from 0); then a _ShardWriter takes them and every later one. A resumed run's
-    first record had its first skip_tokens tokens written already."""
+    """The records' token arrays on their way to the shards. Until plan_split can decide the
+    validation and shard sizes (at the end of the source, or once HOLD_TOKENS are held), documents
+    are held (none was written yet, so records count from 0); then they go to a _ShardWriter in a
+    random order drawn from the seed (validation is the first of them), and every later record
+    after them, so a record's place in the written stream is its place in the source once past
+    the held ones. A resumed run (always past the held documents) starts with a writer, its first
+    record had its first skip_tokens tokens written already."""
 
     def __init__(self, new_writer: Callable[[tuple[int, int]], _ShardWriter], state: dict, blen: np.ndarray,
-                 sizes: tuple[Optional[int], Optional[int], int]):
-        self.new_writer, self.blen, self.sizes = new_writer, blen, sizes  # sizes: val, shard, max tokens
-        self.max_tokens = sizes[2]
+                 sizes: tuple[Optional[int], Optional[int], int], seed: Optional[int]):
+        self.new_writer, self.state, self.blen, self.sizes, self.seed = new_writer, state, blen, sizes, seed
+        self.max_tokens = sizes[2]  # sizes: val, shard, max tokens
         self.records, self.skip_tokens = state["records"], state["skip_tokens"]
-        plan = plan_split([], None, False, *sizes[:2]) or (state.get("plan") if state["shards"] else None)
-        self.writer = new_writer(tuple(plan)) if plan else None
+        self.writer = new_writer(tuple(state["plan"])) if state["shards"] else None
         self.held: list = []  # documents waiting for the plan
         self.held_sizes: list[int] = []
         self.held_docs = self.held_bytes = 0
@@ -205,14 +226,17 @@ class _SplitStream:
         self.records += 1
 
     def plan(self, read: Optional[float], ended: bool = False) -> None:
-        """Hand the held documents to a writer once plan_split decides the sizes (at the end, it does)."""
-        if self.writer is None:
-            plan = plan_split(self.held_sizes, read, ended, *self.sizes)
-            if plan:
-                self.writer = self.new_writer(plan)
-                for record, ids in enumerate(self.held):
-                    self.writer.add(ids, record)
-                self.held = []
+        """Hand the held documents, shuffled, to a writer once plan_split decides the sizes (at the
+        end, it does); validation is the first of them in that order."""
+        if self.writer is None and plan_split(self.held_sizes, read, ended, *self.sizes):
+            n = len(self.held)
+            order = np.random.default_rng([self.seed, 1]).permutation(n) if self.seed is not None else range(n)
+            plan = plan_split([self.held_sizes[i] for i in order], read, ended, *self.sizes)
+            self.state["held"] = n
+            self.writer = self.new_writer(plan)
+            for place, i in enumerate(order):
+                self.writer.add(self.held[i], place)
+            self.held = []
 
     def close(self) -> _ShardWriter:
         """After the last record: plan if not done yet, write the last shard; return the writer."""
@@ -252,34 +276,27 @@ def _remove_data_files(out: Path) -> None:
 
 def plan_split(doc_tokens: list[int], read: Optional[float], ended: bool, val_tokens: Optional[int] = None,
                shard_tokens: Optional[int] = None, max_tokens: int = 0) -> Optional[tuple[int, int]]:
-    """(validation tokens, train shard tokens) for a stream whose first documents have
-    doc_tokens tokens each, or None while that cannot be decided yet (read more documents).
+    """(validation tokens, train shard tokens) for a stream whose first documents, in the order
+    they will be written, have doc_tokens tokens each, or None while the documents are still
+    held (read more).
 
     read: the share of the source those documents make up (None: a stream of unknown length);
-    ended: there are no more documents. Given sizes win. Otherwise validation takes the first
-    whole documents until it holds about VAL_SHARE of the total tokens, at most VAL_CAP (a
-    document that would make it more than twice that is cut, as one text file is), and a train
-    shard is the training split / FEW_SHARDS, at most SHARD_CAP. The total is known at the end,
-    estimated from `read` once that reaches VAL_SHARE, or at least VAL_CAP / VAL_SHARE tokens
-    (the caps apply whatever follows). So before the first shard is written, a source of known
-    size holds about its validation split in memory, a stream of unknown length up to
-    VAL_CAP / VAL_SHARE tokens.
+    ended: there are no more documents. Documents are held until the source ends, max_tokens
+    are held, or HOLD_TOKENS are (then VAL_SHARE of the total is past VAL_CAP, whatever follows),
+    so the held ones are all of a corpus up to HOLD_TOKENS. Given sizes win. Otherwise
+    validation takes the first whole documents until it holds about VAL_SHARE of the total
+    tokens, at most VAL_CAP (a document that would make it more than twice that is cut, as one
+    text file is), and a train shard is the training split / FEW_SHARDS, at most SHARD_CAP; the
+    total is the held tokens at the end, else estimated from `read`.
     """
-    if val_tokens and shard_tokens:
-        return val_tokens, shard_tokens
     held = sum(doc_tokens)
-    if not held and not ended:  # nothing to estimate from yet (empty documents only)
-        return None
     if max_tokens and held >= max_tokens:
         held, ended = max_tokens, True
-    if ended:
-        total = held
-    elif read and read >= VAL_SHARE:
-        total = round(held / read)
-    elif held >= VAL_CAP / VAL_SHARE or (read and held >= VAL_CAP):
-        total = max(held, round(held / read) if read else 0)
-    else:
+    if not ended and held < HOLD_TOKENS:
         return None
+    if val_tokens and shard_tokens:
+        return val_tokens, shard_tokens
+    total = held if ended else max(held, round(held / read) if read else 0)
     if max_tokens:
         total = min(total, max_tokens)
     if not val_tokens:

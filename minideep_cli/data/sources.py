@@ -3,11 +3,13 @@ parquet files, or a Hugging Face dataset streamed, all read as (text, fraction r
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,9 +34,9 @@ def read_text_file(path: str | os.PathLike) -> str:
     return _text_document(p, raw)
 
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+RECORD_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES  # files of records (one document each), not one text
 
 
 def _kind(path: Path) -> str:
@@ -46,25 +48,106 @@ def _kind(path: Path) -> str:
     return "text"
 
 
-def find_files(paths: list) -> list[Path]:
-    """The files behind the given paths; a folder stands for its text, JSONL and parquet files
-    (recursively, in sorted order). Missing paths and folders with nothing to read are errors."""
-    files: list[Path] = []
+@dataclass
+class FileScan:
+    """The files behind the paths given to tokenize, and what a folder held that was left out,
+    by reason (binary, not UTF-8, unreadable, hidden, excluded by --include/--exclude)."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    as_text: set = field(default_factory=set)  # .json files in a folder that hold one text, not records
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def scan_paths(paths: list, include: tuple = (), exclude: tuple = (), text_column: str = "text") -> FileScan:
+    """The files behind the given paths. A file given by name is taken as it is. A folder stands
+    for every file below it whose content is UTF-8 text (whatever its extension: code, markdown,
+    files without one), plus its JSONL and parquet files (a .json file only if its first line is a
+    record with the text column), in sorted order; binary and undecodable
+    files, unreadable ones and hidden files and folders (a name starting with '.') are left out and
+    counted. --include and --exclude globs (fnmatch, against the path inside the folder, so
+    '*.py' matches at any depth) narrow a folder further: with any --include a file must match one,
+    and --exclude always wins. Missing paths and folders with nothing to read are errors."""
+    scan = FileScan()
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             raise UserError(f"file not found: {p}")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                           and f.name.lower().endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES))
-            if not found:
-                raise UserError(f"{p} holds no .txt, .jsonl or .parquet files")
-            files.extend(found)
-        else:
-            files.append(p)
-    if not files:
+        if not p.is_dir():
+            scan.files.append(p)
+            continue
+        before = len(scan.files)
+        for f in _walk(p, scan):
+            rel = f.relative_to(p).as_posix()
+            if (include and not any(fnmatch(rel, g) for g in include)) or any(fnmatch(rel, g) for g in exclude):
+                scan.skip("excluded by --include/--exclude")
+                continue
+            kind = _kind(f)
+            if kind == "jsonl" and f.name.lower().endswith(".json") and not _holds_records(f, text_column):
+                kind = "text"  # package.json and the like: a document like any other
+                scan.as_text.add(f)
+            reason = _not_text(f) if kind == "text" else None
+            if reason:
+                scan.skip(reason)
+            else:
+                scan.files.append(f)
+        if len(scan.files) == before:
+            left = "; ".join(f"{n} {why}" for why, n in scan.skipped.items())
+            raise UserError(f"{p} holds no text, JSONL or parquet files" + (f" (left out: {left})" if left else ""))
+    if not scan.files:
         raise UserError("no input files given")
-    return files
+    return scan
+
+
+def find_files(paths: list, include: tuple = (), exclude: tuple = ()) -> list[Path]:
+    """scan_paths' files alone."""
+    return scan_paths(paths, include, exclude).files
+
+
+def _holds_records(f: Path, column: str) -> bool:
+    """Whether a .json file's first line is a JSON object with the text column (JSON Lines)."""
+    try:
+        with open(f, "rb") as fh:
+            row = json.loads(fh.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(row, dict) and column in row
+
+
+def _walk(folder: Path, scan: FileScan) -> list[Path]:
+    """Every regular file below folder, sorted, hidden names and unreadable folders counted, not followed."""
+    found = []
+    for root, dirs, names in os.walk(folder, onerror=lambda e: scan.skip("unreadable folders")):
+        hidden = [d for d in dirs if d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for _ in hidden:
+            scan.skip("hidden files or folders")
+        for n in names:
+            f = Path(root) / n
+            if n.startswith("."):
+                scan.skip("hidden files or folders")
+            elif f.is_file():
+                found.append(f)
+    return sorted(found)
+
+
+def _not_text(f: Path) -> Optional[str]:
+    """Why a file is not UTF-8 text (it holds a NUL byte or does not decode), or None if it is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                if b"\x00" in chunk:
+                    return "binary"
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    except OSError:
+        return "unreadable"
+    return None
 
 
 def _sha256(p: Path) -> str:
@@ -152,6 +235,7 @@ class Source:
     name: Optional[str] = None  # the dataset's configuration, e.g. sample-10BT
     split: str = "train"
     text_column: str = "text"
+    as_text: set = field(default_factory=set)  # .json files to read as one text (FileScan.as_text)
 
     def describe(self) -> dict:
         if self.dataset:
@@ -162,7 +246,8 @@ class Source:
     def label(self) -> str:
         if self.dataset:
             return self.dataset + (f" ({self.name})" if self.name else "")
-        return str(self.files[0]) + (f" and {len(self.files) - 1} more" if len(self.files) > 1 else "")
+        first = min(self.files)  # the same name whatever order the files are read in
+        return str(first) + (f" and {len(self.files) - 1} more" if len(self.files) > 1 else "")
 
     def records(self, skip: int = 0) -> Iterator[tuple[str, Optional[float]]]:
         """(text, fraction of the source read so far or None) for every record after `skip`."""
@@ -172,7 +257,7 @@ class Source:
         sizes = [max(1, f.stat().st_size) for f in self.files]
         total, before, seen = sum(sizes), 0, 0  # seen: records passed over while skipping
         for f, size in zip(self.files, sizes):
-            kind = _kind(f)
+            kind = "text" if f in self.as_text else _kind(f)
             if seen < skip:
                 n = 1 if kind == "text" else _count_records(f, kind, self.text_column)
                 if seen + n <= skip:  # the whole file lies before the resume point

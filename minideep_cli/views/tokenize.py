@@ -65,8 +65,9 @@ def split_summary(out: Path, meta: dict) -> str:
     settings, total = meta["settings"], meta["train_tokens"] + meta["val_tokens"]
     n_train = sum(1 for s in meta["shards"] if s["split"] == "train")
     val_docs = meta.get("val_documents", 0)
-    how = ("--val-tokens" if settings["val_tokens"] else
-           "the default: the first whole documents, about 10% of the tokens, at most 10,000,000")
+    which = "random" if settings.get("shuffle_seed") is not None else "the first"
+    how = (f"--val-tokens, {which} whole documents" if settings["val_tokens"] else
+           f"the default: {which} whole documents, about 10% of the tokens, at most 10,000,000")
     if meta.get("val_cut"):
         how += "; its last document is cut and goes on in train"
     shard_how = "--shard-tokens" if settings["shard_tokens"] else "the default: a quarter of train, at most 100,000,000"
@@ -75,4 +76,12 @@ def split_summary(out: Path, meta: dict) -> str:
             f"{meta['val_tokens'] / total:.1%} ({how})\n"
             f"  train: {meta['documents'] - val_docs:,} documents, {meta['train_tokens']:,} tokens "
             f"({meta['train_bytes']:,} bytes) in {n_train} shards of up to "
-            f"{meta.get('shard_tokens', settings['shard_tokens']):,} ({shard_how})")
+            f"{meta.get('shard_tokens', settings['shard_tokens']):,} ({shard_how})" + skipped_line(meta))
+
+
+def skipped_line(meta: dict) -> str:
+    """What the folders held that was left out, if anything."""
+    skipped = meta.get("skipped") or {}
+    if not skipped:
+        return ""
+    return "\n  skipped: " + ", ".join(f"{n:,} {why}" for why, n in sorted(skipped.items()))
