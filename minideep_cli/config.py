@@ -34,6 +34,7 @@ SECTIONS = ("model", "data", "train", "sample")
 ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
 OPTIMIZERS = ("adamw", "muon")  # train.optimizer
 SCHEDULES = ("cosine", "wsd")  # train.schedule
+DTYPES = ("auto", "float32", "bfloat16")  # train.dtype
 
 
 @dataclass
@@ -398,7 +399,7 @@ def validate(cfg: Config) -> None:
     _require("train", t, ("max_steps", "max_minutes"), _non_negative, "cannot be negative")
     if t.max_steps == 0 and t.max_minutes == 0:
         raise UserError("set train.max_steps or train.max_minutes (both are 0)")
-    if t.dtype not in ("auto", "float32", "bfloat16"):
+    if t.dtype not in DTYPES:
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got '{t.dtype}'")
     if not 0 < cfg.data.val_fraction < 1:
         raise UserError("data.val_fraction must be between 0 and 1")

@@ -13,19 +13,17 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import UserError
+from ..schema import regular_file
 
 
 def bundled_corpus() -> Path:
     return Path(str(resources.files("minideep_cli") / "assets" / "tinyshakespeare.txt"))
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text corpus, refusing missing, empty and binary files with one clear line."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"file not found: {p}")
-    if p.is_dir():
-        raise UserError(f"expected a text file, got a directory: {p}")
+def read_text_file(path: str | os.PathLike, limit: Optional[int] = None) -> str:
+    """Read a UTF-8 text corpus, refusing missing, empty and binary files, and what is not a
+    regular file (/dev/zero, a FIFO) or is larger than limit bytes, with one clear line."""
+    p = regular_file(path, "text file", limit)
     raw = p.read_bytes()
     if not raw.strip():
         raise UserError(f"file is empty: {p}")
@@ -61,7 +59,7 @@ def find_files(paths: list) -> list[Path]:
                 raise UserError(f"{p} holds no .txt, .jsonl or .parquet files")
             files.extend(found)
         else:
-            files.append(p)
+            files.append(regular_file(p, "input file"))  # never a device or a FIFO (reading it never ends)
     if not files:
         raise UserError("no input files given")
     return files
