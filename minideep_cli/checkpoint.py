@@ -131,13 +131,14 @@ def _specs():
 def complete(ckpt: dict, p: Path) -> dict:
     """The checkpoint, once every part has the shape its readers rely on (schema.py) and its
     config and tokenizer are valid (a damaged one: one UserError naming p)."""
-    from .config import DTYPES, Config, validate_model
+    from .config import DTYPES, Config, validate_model, validate_numbers
     from .tokenizer import load_tokenizer
 
     parts, _ = _specs()
     check(ckpt, parts, str(p))
     try:
         cfg = Config.from_dict(ckpt["config"])
+        validate_numbers(cfg)
         validate_model(cfg.model)
         if cfg.train.dtype not in DTYPES:
             raise UserError(f"train.dtype must be one of {', '.join(DTYPES)}, got {cfg.train.dtype!r}"[:200])

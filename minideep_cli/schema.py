@@ -130,7 +130,10 @@ def _matches(value, spec, path: str) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise bad
     elif isinstance(spec, Where):
-        _matches(value, spec.spec, path)
+        try:
+            _matches(value, spec.spec, path)
+        except _Mismatch as e:
+            raise bad if e.path == path else e  # named by its own words, unless the problem is deeper
         if not spec.ok(value):
             raise bad
     elif isinstance(spec, OneOf):
