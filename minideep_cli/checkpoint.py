@@ -14,7 +14,7 @@ read here; export/ writes them.
 from __future__ import annotations
 
 import errno
-import json
+import hashlib
 import os
 import pickle
 import re
@@ -25,10 +25,10 @@ from typing import Optional
 
 from .errors import UserError
 from .files import atomic_file
+from .schema import FINITE, NAT, POSITIVE, MapOf, Where, check, kind, read_json
 
 KIND = "minideep-checkpoint"
 FORMAT = 1
-PARTS = {"model": dict, "config": dict, "tokenizer": str, "loop": dict}  # what every reader relies on
 EXPORT_KIND = "minideep-export"
 EXPORT_FORMAT = 1
 EXPORT_CONFIG = "minideep_config.json"  # marks a safetensors export folder
@@ -107,16 +107,57 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return complete(ckpt, p)
 
 
+def _specs():
+    """The shapes (schema.py) of a checkpoint's parts, as every reader relies on them; RESUME
+    adds what --resume reads. Built on call: torch is imported only where checkpoints are read."""
+    import torch
+
+    def rng_state(size=None):  # a generator's state: bytes (a CPU generator's are always 5056)
+        return Where(torch.Tensor, lambda t: t.dtype == torch.uint8 and t.dim() == 1 and t.numel() == (size or t.numel()),
+                     "a random generator state")
+
+    rng, cpu = rng_state(), rng_state(torch.get_rng_state().numel())
+    loop = {"step": NAT, "tokens": NAT, "elapsed?": Where(FINITE, lambda v: v >= 0, "a number of seconds"),
+            "best_val_loss?": float, "rng_cpu?": cpu, "rng_cuda?": (rng, None), "rng_epoch?": cpu,
+            "epoch_pos?": NAT, "data_pos?": {"shard": NAT, "offset": NAT, "epoch": NAT}, "world?": POSITIVE,
+            "rng_cpu_ranks?": [cpu], "rng_cuda_ranks?": [(rng, None)]}
+    optimizer = {"state": MapOf(MapOf((torch.Tensor, float))), "param_groups": [{"params": [int]}]}
+    parts = {"model": MapOf(torch.Tensor), "optimizer": (optimizer, None), "config": dict, "tokenizer": str,
+             "loop": loop, "data?": dict, "data_fingerprint?": str}
+    resume = {"optimizer": optimizer, "loop": {"elapsed": object, "best_val_loss": object, "rng_cpu": object}}
+    return parts, resume
+
+
 def complete(ckpt: dict, p: Path) -> dict:
-    """The checkpoint, once its parts are there and of the right kind (a damaged one: UserError)."""
+    """The checkpoint, once every part has the shape its readers rely on (schema.py) and its
+    config and tokenizer are valid (a damaged one: one UserError naming p)."""
+    from .config import DTYPES, Config, validate_model, validate_numbers
     from .tokenizer import load_tokenizer
 
-    for key, kind in PARTS.items():
-        if not isinstance(ckpt.get(key), kind):
-            raise UserError(f"{p} is not a complete minideep checkpoint (its '{key}' is missing or damaged)")
-    if not isinstance(ckpt["loop"].get("step"), int):
-        raise UserError(f"{p} is not a complete minideep checkpoint (its 'loop' has no step)")
-    load_tokenizer(ckpt["tokenizer"], f"the tokenizer in {p}")
+    parts, _ = _specs()
+    check(ckpt, parts, str(p))
+    try:
+        cfg = Config.from_dict(ckpt["config"])
+        validate_numbers(cfg)
+        validate_model(cfg.model)
+        if cfg.train.dtype not in DTYPES:
+            raise UserError(f"train.dtype must be one of {', '.join(DTYPES)}, got {cfg.train.dtype!r}"[:200])
+    except UserError as e:
+        raise UserError(f"{p} is damaged: its config is invalid: {e}")
+    tok = load_tokenizer(ckpt["tokenizer"], f"the tokenizer in {p}")
+    if tok.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(f"{p} is damaged: its tokenizer holds {tok.get_vocab_size():,} ids, its model "
+                        f"{cfg.model.vocab_size:,}")
+    return ckpt
+
+
+def check_resumable(ckpt: dict, p: Path) -> dict:
+    """What --resume reads beyond what every reader does: the optimizer state and the loop's
+    clock, best loss and random state (an export, or a damaged file, has none)."""
+    _, resume = _specs()
+    check(ckpt, resume, f"--resume: {p}")
+    if ("rng_epoch" in ckpt["loop"]) != ("epoch_pos" in ckpt["loop"]):
+        raise UserError(f"--resume: {p} is damaged: its loop holds only one of rng_epoch and epoch_pos")
     return ckpt
 
 
@@ -217,6 +258,18 @@ def plain_weights(state: dict) -> tuple[dict, dict]:
     return tensors, aliases
 
 
+EXPORT_META = {"config": dict, "aliases?": MapOf(str), "loop?": {"step?": NAT, "tokens?": NAT}, "data?": dict,
+               "weights_sha256?": Where(str, lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a SHA-256")}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def is_export_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / EXPORT_CONFIG).is_file()
 
@@ -225,24 +278,28 @@ def load_export(folder: str | os.PathLike) -> dict:
     """A safetensors export folder as a checkpoint dict (model, config, tokenizer, loop, data;
     no optimizer). JSON and safetensors only: nothing here can run code."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder / EXPORT_CONFIG} is not readable: {e}")
-    if not isinstance(meta, dict) or meta.get("kind") != EXPORT_KIND or not isinstance(meta.get("config"), dict):
+    config = folder / EXPORT_CONFIG
+    meta = read_json(config, dict)
+    if meta.get("kind") != EXPORT_KIND:
         raise UserError(f"{folder} is not a minideep safetensors export")
     if meta.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{folder} has export format {meta.get('format')}; this minideep reads {EXPORT_FORMAT}")
+        raise UserError(f"{folder} has export format {kind(meta.get('format'))}; this minideep reads {EXPORT_FORMAT}")
+    check(meta, EXPORT_META, str(config))
     for name in (WEIGHTS, TOKENIZER):
         if not (folder / name).is_file():
             raise UserError(f"{folder} is an incomplete export: {name} is missing")
+    if "weights_sha256" in meta and _sha256(folder / WEIGHTS) != meta["weights_sha256"]:
+        raise UserError(f"{folder / WEIGHTS} is damaged: it does not match the checksum in {EXPORT_CONFIG}")
     safetensors_torch = safetensors_module("reading a safetensors export")
     try:
         state = safetensors_torch.load_file(str(folder / WEIGHTS), device="cpu")
     except Exception as e:  # safetensors raises its own error types for damaged files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{folder / WEIGHTS} is not a readable safetensors file: {first}")
-    for name, target in (meta.get("aliases") or {}).items():
+    for name, t in state.items():  # an export older than its checksum: at least every number finite
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise UserError(f"{folder / WEIGHTS} is damaged: weight {name[:80]} holds values that are not finite")
+    for name, target in meta.get("aliases", {}).items():
         if target not in state:
             raise UserError(f"{folder / EXPORT_CONFIG}: alias {name} points to missing weight {target}")
         state[name] = state[target]
@@ -250,6 +307,6 @@ def load_export(folder: str | os.PathLike) -> dict:
         tokenizer = (folder / TOKENIZER).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{folder / TOKENIZER} is not readable: {e}")
-    loop = {"step": 0, "tokens": 0, **(meta.get("loop") or {})}
+    loop = {"step": 0, "tokens": 0, **meta.get("loop", {})}
     return {"kind": KIND, "format": FORMAT, "model": state, "optimizer": None, "config": meta["config"],
-            "tokenizer": tokenizer, "data": meta.get("data") or {}, "loop": loop}
+            "tokenizer": tokenizer, "data": meta.get("data", {}), "loop": loop}

@@ -169,6 +169,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (default: the newest run) exactly.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start a new run in a non-empty --out (its files may be "
                                         "replaced).")] = False,
+    new_data: Annotated[bool, typer.Option("--new-data", help="With --resume: go on training on data other than "
+                                           "the run's (the best checkpoint then starts over).")] = False,
 ):
     """Train a model; prints validation bits per byte and a sample at the end.
 
@@ -184,6 +186,8 @@ def train(
     from .views.train import TrainView, render_result
 
     overrides, ckpt = list(override or []), None
+    if new_data and not resume:
+        raise UserError("--new-data goes with --resume (a new run trains on whatever --data gives)")
     if resume:
         given = [flag for flag, v in (("--preset", preset), ("--config", config), ("--arch", arch)) if v is not None]
         if given:
@@ -198,7 +202,7 @@ def train(
     console = _console()
     view = TrainView(console)
     try:
-        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt)
+        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt, new_data=new_data)
     finally:
         view.close()
     if result.main:  # under torchrun, rank 0 reports for every rank
@@ -225,13 +229,12 @@ def eval_cmd(
     Example: [bold]minideep eval runs/20260101-120000-moe --text holdout.txt[/bold]
     (without --text/--data: the validation split the model was trained with).
     """
-    import json
-
     from .inference import evaluate_checkpoint
+    from .schema import json_text
 
     res = evaluate_checkpoint(ckpt, text, data, device)
     if json_out:
-        print(json.dumps(res, indent=2))
+        print(json_text(res))  # a number that is not finite is null
     else:
         print(f"{res['checkpoint']} on {res['source']}: loss {res['loss']:.4f} nats/token  "
               f"perplexity {res['perplexity']:.2f}  bits per byte {res['bpb']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
@@ -386,9 +389,9 @@ def inspect_routing(
         bar.close()
     render_report(console, report)
     if json_out:
-        import json
+        from .schema import json_text
 
-        write_file(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        write_file(json_out, json_text(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
         console.print(f"wrote {json_out}")
     if html:
         from .views.html import render_html
@@ -408,9 +411,9 @@ def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
     h = read_history(run)
     render_history(_console(), h)
     if json_out:
-        import json
+        from .schema import json_text
 
-        write_file(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
+        write_file(json_out, json_text(h.to_dict(), indent=1) + "\n")
 
 
 @app.command()
@@ -450,8 +453,10 @@ def bench(
     from .views.bench import render_bench
 
     if threads is not None:
-        if threads < 1:
-            raise UserError("--threads must be at least 1")
+        import os
+
+        if not 1 <= threads <= (os.cpu_count() or 1):
+            raise UserError(f"--threads must be from 1 to this machine's {os.cpu_count() or 1} CPU cores, got {threads:,}")
         torch.set_num_threads(threads)
     if json_file:
         writable(json_file)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from typing import Any, Optional
 
 import yaml
 
+from . import schema
 from .errors import UserError
 from .models.rules import check_attention
+from .schema import check_text
 
 ARCHES = ("gpt2", "moe")
 GPT2_KEYS = ("arch", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attention_dropout",
@@ -32,6 +35,7 @@ ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
 OPTIMIZERS = ("adamw", "muon")  # train.optimizer
 SCHEDULES = ("cosine", "wsd")  # train.schedule
 DATA_ORDERS = ("shuffled", "sequential")  # data.order
+DTYPES = ("auto", "float32", "bfloat16")  # train.dtype
 
 
 @dataclass
@@ -179,19 +183,8 @@ def list_presets() -> list[str]:
 
 
 def read_yaml(path: Path, what: str) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {what} {path}: {e}")
-    try:
-        d = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}")
-    if not isinstance(d, dict):
-        raise UserError(f"{what} {path} must be a mapping of sections (model:, train:, ...)")
-    return d
+    """A preset or --config file: a bounded YAML mapping (schema.read_yaml)."""
+    return schema.read_yaml(path, what)
 
 
 def load_preset(name: str) -> dict:
@@ -213,7 +206,8 @@ def _field_types(obj) -> dict[str, Any]:
 
 
 def coerce(value: Any, typ: Any, key: str) -> Any:
-    """Coerce a YAML or command-line value to a field's declared type."""
+    """Coerce a YAML or command-line value to a field's declared type. Integers never pass
+    through a float (2**53 + 1 stays exact); strings are kept as given (spaces included)."""
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -222,6 +216,11 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
         return coerce(value, args[0], key)
     if value is None:
         raise UserError(f"{key} cannot be null")
+    wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ)
+    if wanted is None:
+        raise UserError(f"{key}: unsupported type {typ}")
+    if not isinstance(value, (str, int, float)):  # a list, a mapping, a date: never a setting's value
+        raise UserError(f"{key} must be {wanted}, got {schema.kind(value)}")
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -235,26 +234,26 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
+            if isinstance(value, int):
+                return value
             if isinstance(value, float):
                 if not value.is_integer():
                     raise ValueError
                 return int(value)
-            s = str(value).strip().replace("_", "")
-            f = float(s)  # accepts 1e3
+            s = value.strip().replace("_", "")
+            if re.fullmatch(r"[+-]?\d+", s):
+                return int(s)  # exact, however long (the range check comes in validate_numbers)
+            f = float(s)  # 1e3
             if not f.is_integer():
                 raise ValueError
             return int(f)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(str(value).strip()) if isinstance(value, str) else float(value)
-        if typ is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        raise UserError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
-    raise UserError(f"{key}: unsupported type {typ}")
+            return float(value.strip()) if isinstance(value, str) else float(value)
+        return str(value)  # typ is str
+    except (ValueError, OverflowError):
+        raise UserError(f"{key} must be {wanted}, got {schema.kind(value)}")
 
 
 def _unknown(key: str, valid: list[str], where: str) -> UserError:
@@ -304,7 +303,7 @@ def parse_override(text: str) -> tuple[str, str]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
         raise UserError(f"override '{text}' must look like section.key=value")
-    return key.strip(), value.strip()
+    return key.strip(), value  # the value as given: a prompt keeps its spaces (coerce strips numbers)
 
 
 def resolve_config(
@@ -406,13 +405,36 @@ def validate(cfg: Config) -> None:
     _require("train", t, ("max_steps", "max_minutes"), _non_negative, "cannot be negative")
     if t.max_steps == 0 and t.max_minutes == 0:
         raise UserError("set train.max_steps or train.max_minutes (both are 0)")
-    if t.dtype not in ("auto", "float32", "bfloat16"):
+    if t.dtype not in DTYPES:
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got '{t.dtype}'")
     if not 0 < cfg.data.val_fraction < 1:
         raise UserError("data.val_fraction must be between 0 and 1")
     if cfg.data.vocab_size < 257:
         raise UserError("data.vocab_size must be at least 257 (256 bytes + <|endoftext|>)")
+    check_limit(cfg.data.vocab_size, MAX_VOCAB, "data.vocab_size")
+    check_limit(t.eval_iters, MAX_EVAL_ITERS, "train.eval_iters")
+    check_limit(t.sample_tokens, MAX_NEW_TOKENS, "train.sample_tokens")
     validate_sample(cfg.sample)
+
+
+# What one machine can do, as ceilings on sizes and counts (docs/design.md, Inputs): a setting
+# beyond one is refused by name instead of running for years or growing until the OS kills it.
+MAX_NEW_TOKENS = 1_000_000  # sample.max_new_tokens, train.sample_tokens: ~4 MB of text per sample
+MAX_SAMPLES = 10_000  # sample.num_samples
+MAX_EVAL_ITERS = 10_000  # train.eval_iters: batches per periodic validation (nanoGPT uses 200)
+MAX_VOCAB = 1 << 22  # data.vocab_size, model.vocab_size, tokenize --vocab-size (GPT-4o's is ~200k)
+MODEL_LIMITS = {  # model.*: far beyond any model a single machine trains, small enough to build on meta
+    "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "n_embd": 1 << 16, "block_size": 1 << 20,
+    "vocab_size": MAX_VOCAB, "ffn_hidden": 1 << 20, "expert_hidden": 1 << 20, "n_experts": 4096,
+    "n_shared_experts": 4096, "first_k_dense": 1024, "moe_every": 1024, "q_lora_rank": 1 << 16,
+    "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 1 << 16, "qk_rope_head_dim": 1 << 16, "v_head_dim": 1 << 16,
+    "n_latents": 1 << 16,
+}
+
+
+def check_limit(value: int, limit: int, label: str) -> None:
+    if value > limit:
+        raise UserError(f"{label} is {value:,}, more than the {limit:,} minideep allows")
 
 
 FLOAT_MAX = 3.4e38  # about float32's largest: a setting beyond it overflows in the tensors it scales
@@ -440,14 +462,8 @@ def validate_sample(s: SampleConfig, label=lambda name: f"sample.{name}") -> Non
     _require(label, s, ("temperature", "top_k", "max_new_tokens"), _non_negative, "cannot be negative or infinite")
     _require(label, s, ("top_p",), lambda v: 0 < v <= 1, "must be above 0 and at most 1")
     _require(label, s, ("num_samples",), lambda v: v >= 1, "must be at least 1")
-
-
-def check_text(text: str, label: str) -> None:
-    """text can be encoded as UTF-8 (a command line's invalid bytes arrive as lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"{label} is not valid UTF-8 text (character {e.start})")
+    check_limit(s.max_new_tokens, MAX_NEW_TOKENS, label("max_new_tokens"))
+    check_limit(s.num_samples, MAX_SAMPLES, label("num_samples"))
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -460,6 +476,8 @@ def validate_model(m: ModelConfig) -> None:
             raise UserError(f"model.{key} must be at least 0 and below 1, got {p}")
     _require("model", m, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "moe_every", "rope_theta"),
              _positive, "must be positive")
+    for name, limit in MODEL_LIMITS.items():
+        check_limit(getattr(m, name), limit, f"model.{name}")
     _require("model", m, ("n_kv_head", "ffn_hidden", "expert_hidden", "n_shared_experts", "first_k_dense",
                           "router_noise_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
              _non_negative, "cannot be negative or infinite")

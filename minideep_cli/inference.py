@@ -21,8 +21,12 @@ from .errors import UserError
 from .evaluate import evaluate_tokens
 from .models.rules import has_experts
 from .models.transformer import is_moe_layer
+from .schema import check_text
 from .routing_report import ReportInputs, RoutingReport, analyze, collect_routing, model_info
 from .tokenizer import split_chunks, load_tokenizer, token_byte_lengths, token_bytes
+
+
+TEXT_LIMIT = 1 << 30  # bytes of an --text file read whole by eval and inspect-routing (a few hours of CPU eval)
 
 
 @dataclass
@@ -69,7 +73,7 @@ def evaluate_checkpoint(ckpt: Path, text: Optional[Path] = None, data: Optional[
         raise UserError("give --text or --data, not both")
     lo = load_for_inference(ckpt, device)
     if text:
-        body = read_text_file(text)
+        body = read_text_file(text, TEXT_LIMIT)
         chunks = split_chunks(body, 1 << 20)
         tokens = np.asarray([i for c in chunks for i in lo.tokenizer.encode(c).ids], dtype=np.int64)
         source = str(text)
@@ -87,7 +91,7 @@ def evaluate_checkpoint(ckpt: Path, text: Optional[Path] = None, data: Optional[
 def _routing_tokens(lo: Loaded, text: Optional[Path], prompt: Optional[str], max_tokens: int) -> tuple[np.ndarray, str]:
     """The tokens to route (at most max_tokens) and where they come from."""
     if text or prompt is not None:
-        body = read_text_file(text) if text else prompt
+        body = read_text_file(text, TEXT_LIMIT) if text else check_text(prompt, "--prompt")
         ids = []
         for chunk in split_chunks(body, 1 << 16):  # stop encoding once there are enough tokens
             ids += lo.tokenizer.encode(chunk).ids

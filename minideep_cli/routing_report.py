@@ -517,8 +517,9 @@ class History:
 
 def read_history(run_dir: str | Path) -> History:
     """Per-layer balance over a run, from the scalars and load histograms train.py logs to tb/."""
-    import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from .schema import POSITIVE, check, read_yaml
 
     run = Path(run_dir)
     if run.is_file():
@@ -527,10 +528,10 @@ def read_history(run_dir: str | Path) -> History:
     if not tb.is_dir():
         raise UserError(f"--history: no TensorBoard log (tb/) in {run}")
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        n_experts = int(cfg["model"]["n_experts"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
-        raise UserError(f"--history: {run} has no readable config.yaml (needed for the number of experts)")
+        cfg = read_yaml(run / "config.yaml", "config.yaml")
+    except UserError as e:
+        raise UserError(f"--history: {run} has no readable config.yaml (needed for the number of experts): {e}")
+    n_experts = check(cfg, {"model": {"n_experts": POSITIVE}}, f"--history: {run / 'config.yaml'}")["model"]["n_experts"]
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars, hists = set(acc.Tags().get("scalars", [])), set(acc.Tags().get("histograms", []))

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import UserError
+from .schema import repair_text
 
 EOT = "<|endoftext|>"
 
@@ -22,7 +23,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator((repair_text(t) for t in texts), trainer)  # the tokenizer takes UTF-8 only
     tok.encode_special_tokens = True
     return tok
 

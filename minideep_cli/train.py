@@ -19,9 +19,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import check_weights, load_checkpoint, newest_run, save_checkpoint
+from .checkpoint import check_resumable, check_weights, load_checkpoint, newest_run, save_checkpoint
 from .config import Config, moe_only_keys, parse_override, set_value, to_yaml, validate
 from .data import TokenData, bundled_data_dir, get_batch, make_sampler
+from .data.integrity import check_same_data, fingerprint
 from .device import cpu_native_bf16, keep_cpu_memory, pick_device, pick_dtype
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
@@ -151,15 +152,17 @@ def resume_config(run_dir: Optional[Path], overrides: list[str], data_dir: Optio
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None,
-          force: bool = False, checkpoint: Optional[dict] = None) -> TrainResult:
+          force: bool = False, checkpoint: Optional[dict] = None, new_data: bool = False) -> TrainResult:
     """Train (or with resume, continue the run in run_dir exactly); one process, or one rank of
     a torchrun job. A new run needs an empty or missing run_dir (any folder with force). On
-    resume, `checkpoint` is run_dir's last.pt when the caller has read it already."""
+    resume, `checkpoint` is run_dir's last.pt when the caller has read it already; the data must
+    be the data it trained on, unless new_data (then reading starts at the new data's beginning
+    and the best validation loss starts over)."""
     d, device = setup(pick_device(cfg.train.device), cfg.train.distributed)
     if device == "cpu":
         keep_cpu_memory()
     try:
-        return _train(cfg, Path(run_dir), resume, on_event, d, device, force, checkpoint)
+        return _train(cfg, Path(run_dir), resume, on_event, d, device, force, checkpoint, new_data)
     finally:
         teardown(d)
 
@@ -189,6 +192,7 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool, d: Dist, checkpoint
         if checkpoint is None and not (run_dir / "last.pt").is_file():
             raise UserError(f"--resume: no last.pt in {run_dir}")
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / "last.pt")
+        check_resumable(ckpt, run_dir / "last.pt")
     barrier(d)  # every rank has checked run_dir before rank 0 writes into it
     return ckpt
 
@@ -207,14 +211,14 @@ def _fit_data(cfg: Config, data: TokenData, ckpt: Optional[dict]) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], d: Dist, device: str,
-           force: bool = False, checkpoint: Optional[dict] = None) -> TrainResult:
+           force: bool = False, checkpoint: Optional[dict] = None, new_data: bool = False) -> TrainResult:
     emit = (on_event or (lambda kind, info: None)) if d.main else (lambda kind, info: None)
     if pick_dtype(cfg.train.dtype, device) == torch.bfloat16 and device == "cpu" and not cpu_native_bf16():
         emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
     ckpt = _check_run_dir(run_dir, resume, force, d, checkpoint)
     data = _open_data_once(cfg, d, emit)
     _fit_data(cfg, data, ckpt)
-    return Trainer(cfg, run_dir, data, d, device, emit, ckpt).train()
+    return Trainer(cfg, run_dir, data, d, device, emit, ckpt, new_data).train()
 
 
 class Trainer:
@@ -222,11 +226,12 @@ class Trainer:
     made of (`train`): restore, train_step, log, evaluate_and_save, save, finish."""
 
     def __init__(self, cfg: Config, run_dir: Path, data: TokenData, d: Dist, device: str, emit: Event,
-                 ckpt: Optional[dict]):
+                 ckpt: Optional[dict], new_data: bool = False):
         t = cfg.train
         self.cfg, self.run_dir, self.data, self.d, self.device, self.emit = cfg, run_dir, data, d, device, emit
         self.dtype = pick_dtype(t.dtype, device)
         self.byte_lengths = data.byte_lengths()
+        self.new_data, self.fingerprint = new_data, fingerprint(data)  # recorded in checkpoints (--resume checks it)
         if ckpt is not None:
             check_weights(cfg.model, ckpt["model"], f"--resume: {run_dir / 'last.pt'}")
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -275,7 +280,11 @@ class Trainer:
             raise UserError(f"--resume: checkpoint does not match the config: {str(e).splitlines()[0]}")
         loop = ckpt["loop"]
         self.state = RunState(loop["step"], loop["tokens"], loop["elapsed"], loop["best_val_loss"])
-        self.sampler.load_state(loop)
+        if self.new_data:  # --new-data: another validation split, so no best loss to beat yet
+            self.state.best_val = float("inf")
+        else:
+            check_same_data(ckpt, self.data, str(self.run_dir / "last.pt"))
+            self.sampler.load_state(loop)
         ranks = loop.get("rng_cpu_ranks")
         same_world = ranks is not None and len(ranks) == d.world
         torch.set_rng_state(ranks[d.rank] if same_world else loop["rng_cpu"])
@@ -440,7 +449,8 @@ class Trainer:
         if d.active:
             loop.update(world=d.world, rng_cpu_ranks=rng_cpu, rng_cuda_ranks=rng_cuda)
         state = {"model": model_sd, "optimizer": optim_sd, "config": self.cfg.to_dict(),
-                 "tokenizer": self.data.tokenizer_json, "data": dict(self.data.meta), "loop": loop}
+                 "tokenizer": self.data.tokenizer_json, "data": dict(self.data.meta), "loop": loop,
+                 "data_fingerprint": self.fingerprint}
         for name in names:
             save_checkpoint(state, self.run_dir / name)
 

@@ -25,9 +25,9 @@ def test_type_coercion():
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
     assert cfg.train.compile is True
     assert cfg.model.capacity_factor is None and cfg.model.eval_capacity_factor == 2.0
-    with pytest.raises(UserError, match="expected int"):
+    with pytest.raises(UserError, match="must be an integer"):
         resolve_config(None, None, ["train.batch_size=2.5"])
-    with pytest.raises(UserError, match="expected bool"):
+    with pytest.raises(UserError, match="must be true or false"):
         resolve_config(None, None, ["train.compile=maybe"])
 
 

@@ -157,7 +157,7 @@ def test_huge_model_claim_is_refused_before_building(trained, tmp_path, monkeypa
     import minideep_cli.models
 
     monkeypatch.setattr(minideep_cli.models, "build_model", lambda cfg: pytest.fail("built the model"))
-    assert_clean_error(invoke("eval", path), "tweaked.pt", "n_layer is 1000000")
+    assert_clean_error(invoke("eval", path), "tweaked.pt", "n_layer is 1,000,000")
     monkeypatch.undo()
     assert_clean_error(invoke("eval", _tweaked_checkpoint(trained, tmp_path, n_embd=64)), "tweaked.pt", "has shape")
 

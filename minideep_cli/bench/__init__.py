@@ -21,7 +21,6 @@ run_bench, which runs them):
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from typing import Optional
@@ -31,6 +30,7 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..errors import UserError
+from ..schema import json_text
 from ..models.rules import attention_name
 from ..device import keep_cpu_memory, pick_device, pick_dtype
 from .decode import bench_decode, cache_rows
@@ -97,7 +97,8 @@ def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, pee
 
 
 def json_safe(result: dict) -> str:
-    return json.dumps(result, indent=2, allow_nan=False, default=float) + "\n"
+    """The results as strict JSON: a figure that is not finite is null (schema.json_text)."""
+    return json_text(result, indent=2, default=float) + "\n"
 
 
 __all__ = ["DEFAULT_SECTIONS", "SCHEMA_VERSION", "SECTIONS", "BenchOptions", "bench_config", "bench_memory",

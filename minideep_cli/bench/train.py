@@ -4,13 +4,12 @@ the --vs variants timed alongside it."""
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Callable, Optional
 
 import torch
 
 from ..config import Config
+from ..data.integrity import read_meta
 from ..evaluate import autocast_for
 from ..models import build_model
 from ..optim import make_optimizer
@@ -23,10 +22,9 @@ def bench_config(cfg: Config) -> Config:
     """The config as training would run it: the model's vocabulary is the tokenizer's, i.e. the data
     dir's (meta.json) or data.vocab_size for the bundled corpus."""
     c = copy.deepcopy(cfg)
-    meta = os.path.join(c.data.dir, "meta.json") if c.data.dir else None
-    if meta and os.path.isfile(meta):
-        with open(meta) as f:
-            c.model.vocab_size = int(json.load(f)["vocab_size"])
+    meta = read_meta(c.data.dir) if c.data.dir else None  # its shape checked (data/integrity.py)
+    if meta is not None:
+        c.model.vocab_size = meta["vocab_size"]
     elif not c.data.dir:
         c.model.vocab_size = c.data.vocab_size
     return c

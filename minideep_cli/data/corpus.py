@@ -10,12 +10,31 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..config import MAX_VOCAB, check_limit
 from ..errors import UserError
 from .prepare import tokenize_text
 from .shards import tokenize_source
 from .sources import FileScan, Source, bundled_corpus, read_text_file, scan_paths
 
 DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet")  # files of records, not one text
+MAX_SHARD_TOKENS = 1_000_000_000  # --shard-tokens, --val-tokens: a shard is built in memory (2-4 GB at this size)
+
+
+def check_tokenize_limits(vocab_size: int, workers: Optional[int], shard_tokens: Optional[int],
+                          val_tokens: Optional[int], sample_bytes: Optional[int]) -> None:
+    """Each size within what this machine can do, refused by name before anything is read."""
+    check_limit(vocab_size, MAX_VOCAB, "--vocab-size")
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        raise UserError(f"--workers is {workers:,}, more than this machine's {cores} CPU cores "
+                        "(more processes than cores encode no faster)")
+    for opt, v in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens)):
+        if v is not None:
+            check_limit(v, MAX_SHARD_TOKENS, opt)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if sample_bytes is not None and sample_bytes > memory // 4:  # the sample is held in memory while the BPE trains
+        raise UserError(f"--tokenizer-sample-bytes is {sample_bytes:,}, more than a quarter of this machine's "
+                        f"memory ({memory:,} bytes)")
 
 
 def tokenize_corpus(out: Path, files: Optional[list[Path]] = None, dataset: Optional[str] = None,
@@ -33,6 +52,7 @@ def tokenize_corpus(out: Path, files: Optional[list[Path]] = None, dataset: Opti
     folder held that was left out ("skipped": reason -> count)."""
     if vocab_size < 257:
         raise UserError("--vocab-size must be at least 257 (256 bytes + <|endoftext|>)")
+    check_tokenize_limits(vocab_size, workers, shard_tokens, val_tokens, tokenizer_sample_bytes)
     if not 0 < val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
     if dataset and files:

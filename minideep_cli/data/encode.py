@@ -9,6 +9,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ..errors import UserError
+from ..schema import kind, repair_text
 from ..tokenizer import load_tokenizer, split_chunks
 
 Progress = Callable[[int, int], None]  # (done, total) in characters
@@ -21,7 +23,7 @@ def encode_text(tok, text: str, dtype: np.dtype, progress: Optional[Progress], d
     """text -> (n,) token ids, reporting (done + characters encoded so far, total) after each chunk."""
     parts = []
     for chunk in split_chunks(text, CHUNK_CHARS):
-        parts.append(np.asarray(tok.encode(chunk).ids, dtype=dtype))
+        parts.append(np.asarray(tok.encode(repair_text(chunk)).ids, dtype=dtype))
         done += len(chunk)
         if progress:
             progress(done, total)
@@ -32,12 +34,14 @@ def encode_documents(tok, texts: list[str], eot: int, dtype: np.dtype) -> list[n
     """Each non-empty document -> [<|endoftext|>, its tokens...]; an empty one -> no tokens."""
     out = []
     for text in texts:
+        if not isinstance(text, (str, type(None))):  # a dataset column of lists or numbers
+            raise UserError(f"a document is {kind(text)}, not text; choose the text column with --text-column")
         if not text:
             out.append(np.zeros(0, dtype=dtype))
             continue
         ids = [eot]
         for chunk in split_chunks(text, CHUNK_CHARS):
-            ids.extend(tok.encode(chunk).ids)
+            ids.extend(tok.encode(repair_text(chunk)).ids)
         out.append(np.asarray(ids, dtype=dtype))
     return out
 

@@ -6,7 +6,6 @@ shards in order (whose state is a position: shard, offset, epoch)."""
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..tokenizer import load_tokenizer, token_byte_lengths
+from .integrity import check_token_ids, read_meta
 from .prepare import bundled_data_dir
 
 
@@ -43,7 +43,7 @@ class TokenData:
         if not (d / "meta.json").is_file():
             raise UserError(f"{d} is not a tokenized data dir (no meta.json); run `minideep tokenize` first")
         try:
-            meta = json.loads((d / "meta.json").read_text())
+            meta = read_meta(d)  # its shape checked (integrity.py)
             dtype = np.dtype(meta["dtype"])
             tok_json = (d / "tokenizer.json").read_text()
             load_tokenizer(tok_json, str(d / "tokenizer.json"))  # a damaged one: one clear line now, not later
@@ -65,7 +65,9 @@ class TokenData:
             raise UserError(f"data dir {d} is damaged: {e}")
         if sum(a.size for a in shards) != meta["train_tokens"] or val.size != meta["val_tokens"]:
             raise UserError(f"data dir {d} is damaged: token counts differ from meta.json")
-        return cls(d, meta, tok_json, shards[0], val, shards)
+        data = cls(d, meta, tok_json, shards[0], val, shards)
+        check_token_ids(data, "val")  # the training split when a sampler is made (make_sampler)
+        return data
 
     def tokenizer(self):
         return load_tokenizer(self.tokenizer_json)
@@ -257,6 +259,7 @@ class ShardReader:
 def make_sampler(data: TokenData, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1,
                  order: str = "shuffled"):
     """Shuffled epochs of windows over every train shard, or (order "sequential") the shards read in order."""
+    check_token_ids(data, "train")
     if order == "sequential":
         return ShardReader(data.train_shards, batch_size, block_size, rank, world)
     return ShuffledWindows(data.train_shards, batch_size, block_size, seed, rank, world)

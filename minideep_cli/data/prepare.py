@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..files import write_file
 from ..tokenizer import split_chunks, train_tokenizer
 from .encode import Progress, encode_text
+from .integrity import read_meta, read_progress
 from .sources import bundled_corpus
 
 FORMAT_VERSION = 1
@@ -45,15 +46,11 @@ def check_data_out_dir(out: Path, same: Callable[[dict], bool], force: bool) -> 
         raise UserError(f"--out {out} is a file, not a folder")
     meta = out / "meta.json"
     if meta.is_file():
-        try:
-            ok = same(json.loads(meta.read_text()))
-        except (ValueError, OSError):
-            ok = False
-        if not ok:
+        if not same(read_meta(out, "choose another --out, or --force to replace it")):
             raise UserError(f"{out} holds data tokenized from other text or with other settings; "
                             "choose another --out, or --force to replace it")
     else:  # an unfinished data dir is fine: tokenize writes progress.json first and removes it last
-        unfinished = (out / "progress.json").is_file()
+        unfinished = read_progress(out, "--force starts over") is not None
         others = sorted(p.name for p in out.iterdir()
                         if not p.name.startswith(".") and not (unfinished and is_data_file(p.name)))
         if others:

@@ -39,6 +39,7 @@ from ..errors import UserError
 from ..files import write_file
 from ..tokenizer import EOT, load_tokenizer, token_byte_lengths, train_tokenizer
 from .encode import encoded_batches
+from .integrity import read_meta, read_progress
 from .prepare import FORMAT_VERSION, check_data_out_dir, dtype_for
 from .sources import Source
 
@@ -107,17 +108,17 @@ def _check_sizes(shard_tokens: Optional[int], val_tokens: Optional[int], tokeniz
 
 def _finished(out: Path, settings: dict) -> Optional[dict]:
     """The meta.json of a finished run with these settings, if out holds one."""
-    if not (out / "meta.json").is_file():
-        return None
-    meta = json.loads((out / "meta.json").read_text())
-    return meta if meta.get("settings") == settings else None
+    meta = read_meta(out, damaged_as_missing=True)  # damaged: refused before, unless --force replaces it
+    return meta if meta is not None and meta.get("settings") == settings else None
 
 
 def _unfinished(out: Path, settings: dict) -> Optional[dict]:
     """The progress.json of an unfinished run with these settings, to resume; None to start over."""
     if (out / "meta.json").is_file() or not (out / "progress.json").is_file():
         return None
-    state = json.loads((out / "progress.json").read_text())
+    state = read_progress(out, damaged_as_missing=True)  # damaged: refused before, unless --force starts over
+    if state is None:
+        return None
     if state.get("settings") != settings:
         raise UserError(f"{out} holds an unfinished tokenize run with other inputs or options; "
                         "rerun that command to finish it, or choose another --out")

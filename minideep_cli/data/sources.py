@@ -15,19 +15,17 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import UserError
+from ..schema import regular_file
 
 
 def bundled_corpus() -> Path:
     return Path(str(resources.files("minideep_cli") / "assets" / "tinyshakespeare.txt"))
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text corpus, refusing missing, empty and binary files with one clear line."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"file not found: {p}")
-    if p.is_dir():
-        raise UserError(f"expected a text file, got a directory: {p}")
+def read_text_file(path: str | os.PathLike, limit: Optional[int] = None) -> str:
+    """Read a UTF-8 text corpus, refusing missing, empty and binary files, and what is not a
+    regular file (/dev/zero, a FIFO) or is larger than limit bytes, with one clear line."""
+    p = regular_file(path, "text file", limit)
     raw = p.read_bytes()
     if not raw.strip():
         raise UserError(f"file is empty: {p}")
@@ -76,7 +74,7 @@ def scan_paths(paths: list, include: tuple = (), exclude: tuple = (), text_colum
         if not p.exists():
             raise UserError(f"file not found: {p}")
         if not p.is_dir():
-            scan.files.append(p)
+            scan.files.append(regular_file(p, "input file"))  # never a device or a FIFO (reading it never ends)
             continue
         before = len(scan.files)
         for f in _walk(p, scan):

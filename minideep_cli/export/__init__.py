@@ -46,6 +46,7 @@ OUT_DIR is never half-written; a non-empty OUT_DIR is replaced only with force.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     else:
         target = "minideep"
         tensors, aliases = plain_weights(model.state_dict())
+        weights = safetensors_torch.save(tensors, metadata={"format": "pt"})  # bytes, hashed before writing
         meta = {
             "kind": EXPORT_KIND,
             "format": EXPORT_FORMAT,
@@ -101,8 +103,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
             "aliases": aliases,
             "loop": {k: v for k, v in (ckpt.get("loop") or {}).items() if k in ("step", "tokens")},
             "data": ckpt.get("data") or {},
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),  # checked when the folder is read back
         }
-        files = {EXPORT_CONFIG: json_text(meta), WEIGHTS: tensors, TOKENIZER: ckpt["tokenizer"]}
+        files = {EXPORT_CONFIG: json_text(meta), WEIGHTS: weights, TOKENIZER: ckpt["tokenizer"]}
     write_folder(out_dir, files, force, safetensors_torch.save_file)
     return ExportResult(out_dir, fmt, target, sorted(files), sum(p.numel() for p in model.parameters()))
 
@@ -121,7 +124,7 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable) -> None:
-    """files: name -> str (text) or dict of tensors (safetensors). Written into a temporary folder
+    """files: name -> str (text), bytes, or dict of tensors (safetensors). Written into a temporary folder
     next to out_dir, fsynced, then renamed into place; on any failure nothing is left behind."""
     check_out_dir(out_dir, force)
     parent = out_dir.absolute().parent
@@ -133,6 +136,8 @@ def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable
             path = tmp / name
             if isinstance(content, str):
                 path.write_text(content, encoding="utf-8")
+            elif isinstance(content, bytes):
+                path.write_bytes(content)
             else:
                 save_tensors(content, str(path), metadata={"format": "pt"})
                 # safetensors writes owner-only: give it a new file's mode (the folder's, less execute)
