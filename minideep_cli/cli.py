@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .errors import UserError
-from .files import writable, write_file
+from .files import prints_to_stdout, writable, write_output
 
 app = typer.Typer(
     add_completion=False,
@@ -80,10 +80,11 @@ Overrides = Annotated[
 ]
 
 
-def _console():
+def _console(*outputs: Optional[Path]):
+    """The console for what a command shows; stderr when one of its outputs (--json -) is stdout."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=any(o is not None and prints_to_stdout(o) for o in outputs), highlight=False)
 
 
 # ---------------------------------------------------------------- tokenize
@@ -378,7 +379,7 @@ def inspect_routing(
     for out in (json_out, html):
         if out is not None:
             writable(out)
-    console = _console()
+    console = _console(json_out, html)
     bar = TokenBar("routing")
     try:
         report = route_checkpoint(ckpt, text, prompt, layer, max_tokens, device, progress=bar)
@@ -388,13 +389,13 @@ def inspect_routing(
     if json_out:
         import json
 
-        write_file(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        console.print(f"wrote {json_out}")
+        write_output(json_out, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        _wrote(console, json_out)
     if html:
         from .views.html import render_html
 
-        write_file(html, render_html(report))
-        console.print(f"wrote {html}")
+        write_output(html, render_html(report))
+        _wrote(console, html)
 
 
 def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
@@ -405,12 +406,19 @@ def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
     run = run or newest_run()
     if run is None:
         raise UserError("no run dir given and no runs under ./runs")
+    if json_out:
+        writable(json_out)
     h = read_history(run)
-    render_history(_console(), h)
+    render_history(_console(json_out), h)
     if json_out:
         import json
 
-        write_file(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
+        write_output(json_out, json.dumps(h.to_dict(), indent=1) + "\n")
+
+
+def _wrote(console, path: Path) -> None:
+    if not prints_to_stdout(path):
+        console.print(f"wrote {path}")
 
 
 @app.command()
@@ -457,13 +465,13 @@ def bench(
         writable(json_file)
     overrides = list(override or []) + ([f"model.attention={attention}"] if attention else [])
     plan = bench_plan(preset, config, arch, overrides, section, quick, estimate_memory, device_memory, compare_hf, vs)
-    console = _console()
+    console = _console(json_file)
     result = run_bench(plan.cfg, plan.opts, plan.preset, plan.peers,
                        on_event=lambda text: console.print(f"[dim]{text}[/dim]"), variants=plan.variants)
     render_bench(console, result)
     if json_file:
-        write_file(json_file, json_safe(result))
-        console.print(f"wrote {json_file}")
+        write_output(json_file, json_safe(result))
+        _wrote(console, json_file)
 
 
 # ---------------------------------------------------------------- export

@@ -10,9 +10,12 @@ are reduced across ranks so that every rank takes the same branch."""
 
 from __future__ import annotations
 
+import errno
 import math
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,7 +30,7 @@ from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects,
                           sync_context, teardown, wrap)
 from .errors import UserError
 from .evaluate import autocast_for, bits_per_byte, evaluate_tokens, nll_and_bytes
-from .files import remove_stale_temps
+from .files import LOCK, lock_folder, remove_stale_temps, stale_temp, write_file
 from .generate import generate
 from .models import build_model
 from .models.rules import has_experts
@@ -174,16 +177,29 @@ def _open_data_once(cfg: Config, d: Dist, emit: Event) -> TokenData:
     return open_data(cfg, progress)
 
 
+CHECKPOINTS = ("last.pt", "best.pt")
+
+
+def _is_run_dir(run_dir: Path) -> bool:
+    """run_dir is minideep's: a run's config.yaml beside its checkpoints or logs, or nothing but
+    minideep's own leftovers (its lock, temporaries of dead writers)."""
+    if (run_dir / "config.yaml").is_file() and any((run_dir / n).exists() for n in (*CHECKPOINTS, "tb")):
+        return True
+    return all(p.name == LOCK or stale_temp(p.name, _own_name) for p in run_dir.iterdir())
+
+
+def _own_name(name: str) -> bool:
+    return name in (*CHECKPOINTS, "config.yaml")
+
+
 def _check_run_dir(run_dir: Path, resume: bool, force: bool, d: Dist, checkpoint: Optional[dict]) -> Optional[dict]:
-    """A new run needs an empty run dir (any with force); a resumed one, its last.pt, returned."""
-    if d.main and run_dir.is_dir():
-        remove_stale_temps(run_dir)  # checkpoints a killed process was writing
-    if not resume and (run_dir / "last.pt").exists() and not force:
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
-    if not resume and not force and run_dir.is_dir() and any(run_dir.iterdir()):
-        names = sorted(p.name for p in run_dir.iterdir())
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise UserError(f"{run_dir} is not empty (it holds {shown}); choose another --out, or --force to write there")
+    """A new run needs an empty run dir (any with force); a resumed one, its last.pt, returned.
+    A run dir another process is training into is refused, naming its PID."""
+    if d.main and (run_dir / LOCK).is_file():
+        lock_folder(run_dir, "minideep train").close()  # refuses while another process holds it
+    if d.main and run_dir.is_dir() and _is_run_dir(run_dir):
+        remove_stale_temps(run_dir, _own_name)  # checkpoints a killed process was writing
+    _check_new_run_dir(run_dir, resume, force)
     ckpt = None
     if resume:
         if checkpoint is None and not (run_dir / "last.pt").is_file():
@@ -191,6 +207,17 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool, d: Dist, checkpoint
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(run_dir / "last.pt")
     barrier(d)  # every rank has checked run_dir before rank 0 writes into it
     return ckpt
+
+
+def _check_new_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    if resume or force:
+        return
+    if (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{run_dir} is not empty (it holds {shown}); choose another --out, or --force to write there")
 
 
 def _fit_data(cfg: Config, data: TokenData, ckpt: Optional[dict]) -> None:
@@ -214,7 +241,43 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     ckpt = _check_run_dir(run_dir, resume, force, d, checkpoint)
     data = _open_data_once(cfg, d, emit)
     _fit_data(cfg, data, ckpt)
-    return Trainer(cfg, run_dir, data, d, device, emit, ckpt).train()
+    lock = None
+    if d.main:  # one process writes a run dir: held until this one ends (the kernel frees it on kill -9)
+        lock = lock_folder(run_dir, "minideep train")
+    try:
+        if d.main:
+            _check_new_run_dir(run_dir, resume, force)  # again, now that no other process can start one here
+        with _logger_errors_raised_here():
+            return Trainer(cfg, run_dir, data, d, device, emit, ckpt).train()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = run_dir / "last.pt"
+        kept = (f"the last checkpoint, {last}, is intact (free some space, then continue with: minideep train "
+                f"--resume --out {run_dir})") if last.is_file() else "no checkpoint had been saved yet"
+        raise UserError(f"the disk holding {run_dir} is full ({e.strerror}); {kept}")
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+@contextmanager
+def _logger_errors_raised_here():
+    """TensorBoard writes its events from a thread; when a write fails (a full disk) the thread
+    prints a traceback, and the writer raises the same error on its next call in this thread,
+    which is where we report it. While training, that thread's print is silenced; every other
+    thread's error prints as before."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread" or not isinstance(args.exc_value, OSError):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class Trainer:
@@ -243,7 +306,7 @@ class Trainer:
         self.restore(ckpt)
         if d.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_file(run_dir / "config.yaml", to_yaml(cfg))
         self.fwd_model = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.eval_model = self.model if d.mode == "ddp" else self.fwd_model  # validation needs no DDP gradient hooks
         self.ctx = autocast_for(device, self.dtype)
