@@ -181,7 +181,7 @@ def train(
     """
     from .config import resolve_config
     from .device import default_preset
-    from .train import resume_config, train as run_train
+    from .train import StoppedUnsaved, resume_config, train as run_train
     from .views.train import TrainView, render_result
 
     overrides, ckpt = list(override or []), None
@@ -199,9 +199,15 @@ def train(
     console = _console()
     view = TrainView(console)
     try:
-        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt)
-    finally:
-        view.close()
+        try:
+            result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt)
+        finally:
+            view.close()
+    except StoppedUnsaved as e:  # the exit code a shell gives a process that signal ended
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        _err(str(e))
+        raise typer.Exit(128 + e.signum)
     if result.main:  # under torchrun, rank 0 reports for every rank
         render_result(console, result)
     if result.stopped != "done":  # as a shell reports a process a signal ended: 130 SIGINT, 143 SIGTERM

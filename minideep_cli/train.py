@@ -91,6 +91,17 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class StoppedUnsaved(UserError):
+    """A second Ctrl-C or SIGTERM in the middle of a step: stopped at once, nothing saved (the
+    step's state is half-updated); the last checkpoint is as it was."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        last = run_dir / "last.pt"
+        kept = f"{last} (the last checkpoint) is intact" if last.is_file() else "no checkpoint had been saved yet"
+        super().__init__(f"stopped at once by a second signal during step {step + 1}, without saving it; {kept}")
+        self.signum = int(signum)
+
+
 class _NullWriter:
     """TensorBoard for ranks other than 0: writes nothing."""
 
@@ -150,7 +161,23 @@ def resume_config(run_dir: Optional[Path], overrides: list[str], data_dir: Optio
     if data_dir:
         cfg.data.dir = str(data_dir)
     validate(cfg)
+    _check_budget_ahead(run_dir, cfg, ckpt.get("loop"), [parse_override(o)[0] for o in overrides])
     return run_dir, cfg, ckpt
+
+
+def _check_budget_ahead(run_dir: Path, cfg: Config, loop, changed: list[str]) -> None:
+    """A budget given with --resume must lie ahead of where the run stands: a run at step 185
+    told -o train.max_steps=60 would start, do nothing and report 185 steps done."""
+    budget = [k for k in ("train.max_steps", "train.max_minutes") if k in changed]
+    if not budget or not isinstance(loop, dict):
+        return
+    step, elapsed = loop.get("step"), loop.get("elapsed")
+    if not isinstance(step, int) or not isinstance(elapsed, (int, float)) or run_progress(step, elapsed, cfg) < 1.0:
+        return
+    t = cfg.train
+    given = " and ".join(f"{k}={getattr(t, k.split('.')[1]):g}" for k in budget)
+    raise UserError(f"--resume: {run_dir} is already at step {step} ({elapsed / 60:.1f} min trained), past {given}; "
+                    f"give a larger budget to continue it")
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None,
@@ -358,18 +385,21 @@ class Trainer:
         self.last_log = (start, s.tokens)
         with _StopFlag() as stop:
             while run_progress(s.step, s.elapsed, cfg) < 1.0:
-                out = self.train_step()
+                try:
+                    out = self.train_step()
+                except KeyboardInterrupt:  # a second signal inside a step: its state is half-updated
+                    raise StoppedUnsaved(stop.signum or signal.SIGINT, self.run_dir, s.step)
                 s.step += 1
                 s.tokens += self.tokens_per_step
                 s.elapsed = self.agreed(elapsed_before + time.perf_counter() - start, "max")
                 finished = run_progress(s.step, s.elapsed, cfg) >= 1.0
-                if (s.step % t.log_interval == 0 or finished) and not self.log(out, stop):
-                    break
-                if s.step % t.eval_interval == 0 or finished:
-                    if not self.evaluate_and_save():
+                try:
+                    if not self.after_step(out, stop, finished):
                         break
-                elif t.ckpt_interval and s.step % t.ckpt_interval == 0:
-                    self.save(["last.pt"])
+                except KeyboardInterrupt:  # a second signal between steps: the state is whole, save it
+                    if self.d.active:
+                        raise
+                    stop.requested = True
                 stop.requested = bool(self.agreed(float(stop.requested), "max"))  # a stop on any rank stops all
                 if stop.requested:
                     s.stopped = "interrupted"
@@ -377,6 +407,17 @@ class Trainer:
                     break
         self.writer.flush()
         return self.finish(stop.signum)
+
+    def after_step(self, out: StepOutput, stop: _StopFlag, finished: bool) -> bool:
+        """Log, validate and save as the step's number asks; False when the run diverged."""
+        s, t = self.state, self.cfg.train
+        if (s.step % t.log_interval == 0 or finished) and not self.log(out, stop):
+            return False
+        if s.step % t.eval_interval == 0 or finished:
+            return self.evaluate_and_save(stop)
+        if t.ckpt_interval and s.step % t.ckpt_interval == 0:
+            self.save(["last.pt"])
+        return True
 
     def start_info(self) -> dict:
         m, t, d = self.model, self.cfg.train, self.d
@@ -458,25 +499,38 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def quick_val(self) -> dict:
-        """Validation on eval_iters fixed batches: loss and bits per byte (the same on every rank)."""
+    def quick_val(self, stop: Optional[_StopFlag] = None) -> Optional[dict]:
+        """Validation on eval_iters fixed batches: loss and bits per byte (the same on every rank).
+        None when a stop is asked meanwhile (checked between batches: a long validation must not
+        hold up a scheduler's SIGTERM); the weights are those of the step, so the caller saves."""
         t, dev = self.cfg.train, self.device
         self.model.eval()
         g = torch.Generator().manual_seed(EVAL_SEED)
         blen = torch.tensor(self.byte_lengths, dtype=torch.float64, device=dev)
         nll = nbytes = count = 0.0
-        for _ in range(t.eval_iters):
-            x, y = get_batch(self.data.val, t.batch_size, self.cfg.model.block_size, g)
-            a, b, c = nll_and_bytes(self.eval_model, x.to(dev), y.to(dev), blen, self.ctx)
-            nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
-        self.model.train()
+        try:
+            for _ in range(t.eval_iters):
+                if stop is not None and self.agreed(float(stop.requested), "max"):
+                    return None
+                x, y = get_batch(self.data.val, t.batch_size, self.cfg.model.block_size, g)
+                a, b, c = nll_and_bytes(self.eval_model, x.to(dev), y.to(dev), blen, self.ctx)
+                nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
+        except KeyboardInterrupt:  # a second signal: validation changes no state, so saving is still right
+            if stop is None or self.d.active:
+                raise
+            return None
+        finally:
+            self.model.train()
         return {"loss": nll / count, "bpb": bits_per_byte(nll, nbytes)}
 
-    def evaluate_and_save(self) -> bool:
+    def evaluate_and_save(self, stop: Optional[_StopFlag] = None) -> bool:
         """Periodic validation; saves last.pt, and best.pt when the loss is the lowest yet. False
-        when the loss is not finite."""
+        when the loss is not finite. A stop asked during validation skips it (the loop saves)."""
         s = self.state
-        val = self.quick_val()
+        val = self.quick_val(stop)
+        if val is None:
+            stop.requested = True
+            return True
         if not math.isfinite(val["loss"]):
             return self.diverged(val["loss"])
         self.writer.add_scalar("val/loss", val["loss"], s.step)

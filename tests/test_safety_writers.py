@@ -272,3 +272,76 @@ def test_resume_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path, sm
     assert_clean_error(r, "disk", "full", "last.pt", "intact")
     assert "Traceback" not in capfd.readouterr().err  # nor from TensorBoard's thread
     assert (run / "last.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------- 7d. signals during validation, a budget behind the run
+
+
+def test_sigterm_during_a_long_validation_saves_and_exits_143_promptly(tmp_path, small_data):
+    from minideep_cli.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minideep_cli", "train", "--preset", "cpu", "--data", str(small_data), "--out", str(run),
+           *TINY, "-o", "train.max_steps=1000", "-o", "train.ckpt_interval=1", "-o", "train.eval_interval=2",
+           "-o", "train.eval_iters=1000000"]  # step 2's validation would take many minutes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # step 1 saved: step 2 follows in milliseconds, then its validation
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped at step 2" in out and "Traceback" not in err
+    assert load_checkpoint(run / "last.pt")["loop"]["step"] == 2
+
+
+def _interrupt_at(monkeypatch, method: str, step: int):
+    """A second Ctrl-C arriving inside Trainer.method once the run reaches step."""
+    from minideep_cli import train as train_mod
+
+    real = getattr(train_mod.Trainer, method)
+
+    def second_signal(self, *a, **k):
+        if self.state.step >= step:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train_mod.Trainer, method, second_signal)
+
+
+def test_a_second_signal_between_steps_still_saves(tmp_path, small_data, monkeypatch):
+    from conftest import tiny_train_cfg
+    from minideep_cli.checkpoint import load_checkpoint
+    from minideep_cli.train import train
+
+    _interrupt_at(monkeypatch, "log", 4)
+    res = train(tiny_train_cfg(small_data, max_steps=20, grad_accum=1), tmp_path / "run")
+    assert res.stopped == "interrupted" and res.step == 4
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["step"] == 4
+
+
+def test_a_second_signal_inside_a_step_says_nothing_was_saved(tmp_path, small_data, monkeypatch):
+    from conftest import tiny_train_cfg
+    from minideep_cli.checkpoint import load_checkpoint
+    from minideep_cli.errors import UserError
+    from minideep_cli.train import train
+
+    _interrupt_at(monkeypatch, "train_step", 4)  # step 4 validated and saved, step 5 half done
+    with pytest.raises(UserError, match=r"second signal during step 5, without saving it; .*last\.pt .*intact"):
+        train(tiny_train_cfg(small_data, max_steps=20, grad_accum=1, eval_interval=2), tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["step"] == 4
+    files.lock_folder(tmp_path / "run").close()  # and the run dir is free again
+
+
+def test_resume_with_a_budget_behind_the_run_is_refused(trained):  # noqa: F811
+    root, _ = trained
+    before = digest(root / "run")
+    r = invoke("train", "--resume", "--out", root / "run", "-o", "train.max_steps=3")
+    assert_clean_error(r, "already at step 6", "train.max_steps=3")
+    r = invoke("train", "--resume", "--out", root / "run", "-o", "train.max_minutes=0.0001", "-o", "train.max_steps=0")
+    assert_clean_error(r, "already at step 6", "train.max_minutes=0.0001")
+    assert digest(root / "run") == before

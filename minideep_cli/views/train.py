@@ -37,6 +37,7 @@ class TrainView:
             c.print(f"run dir {info['run_dir']}  device {info['device']} ({info['dtype']})  "
                     f"params {info['params'] / 1e6:.2f}M (active {info['active_params'] / 1e6:.2f}M)  "
                     f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}"
+                    + (f" (resumed at step {info['step']:,})" if info.get("step") else "")
                     + (f"  {info['world']} ranks ({info['distributed']})" if info.get("world", 1) > 1 else ""))
             self.bar.start()
             self.task = self.bar.add_task("train", total=1000, info="")
