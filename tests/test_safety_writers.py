@@ -345,3 +345,16 @@ def test_resume_with_a_budget_behind_the_run_is_refused(trained):  # noqa: F811
     r = invoke("train", "--resume", "--out", root / "run", "-o", "train.max_minutes=0.0001", "-o", "train.max_steps=0")
     assert_clean_error(r, "already at step 6", "train.max_minutes=0.0001")
     assert digest(root / "run") == before
+
+
+# ---------------------------------------------------------------- 11. gpu-check without the test extra
+
+
+def test_gpu_check_without_pytest_says_which_install_it_needs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    hide = ("import sys, runpy; sys.modules['pytest'] = None; "  # as if the test extra were not installed
+            f"sys.argv = ['gpu_check.py', {str(tmp_path / 'out')!r}, '--cpu']; "
+            f"runpy.run_path({str(root / 'scripts' / 'gpu_check.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.count("\n") == 1 and "pip install -e '.[test]'" in r.stdout
