@@ -15,7 +15,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import prints_to_stdout, writable, write_output
 
 app = typer.Typer(
@@ -50,7 +50,7 @@ def guarded(fn):
         except (OSError, RuntimeError, ValueError) as e:
             if debug:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = first_line(e)
             _err(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)")
             raise typer.Exit(1)
 
@@ -252,7 +252,7 @@ def eval_cmd(
 def sample(
     ctx: typer.Context,
     ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint file or run dir; default: newest run in runs/.")] = None,
-    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "\n",
+    prompt: Annotated[str, typer.Option(help="Text to continue.", show_default="a newline")] = "\n",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 = off.")] = 0,

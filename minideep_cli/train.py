@@ -28,7 +28,7 @@ from .data import TokenData, bundled_data_dir, get_batch, make_sampler
 from .device import cpu_native_bf16, keep_cpu_memory, pick_device, pick_dtype
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import autocast_for, bits_per_byte, evaluate_tokens, nll_and_bytes
 from .files import LOCK, lock_folder, remove_stale_temps, stale_temp, write_file
 from .generate import generate
@@ -362,7 +362,7 @@ class Trainer:
         try:
             load_optimizer(self.wrapped, self.optimizer, ckpt["optimizer"], d)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--resume: checkpoint does not match the config: {str(e).splitlines()[0]}")
+            raise UserError(f"--resume: checkpoint does not match the config: {first_line(e)}")
         loop = ckpt["loop"]
         self.state = RunState(loop["step"], loop["tokens"], loop["elapsed"], loop["best_val_loss"])
         self.sampler.load_state(loop)

@@ -62,6 +62,7 @@ def test_inspect_routing_json_and_html_onto_a_device(trained, null_device):  # n
     r = invoke("inspect-routing", root / "run", "--max-tokens", 64, "--json", null_device, "--html", null_device)
     assert r.exit_code == 0, r.output
     assert stat.S_ISCHR(os.lstat(null_device).st_mode)
+    assert ": 1 layer, MoE at 0; 4 experts" in r.output  # TINY: one layer, singular
 
 
 def test_json_into_a_fifo_is_read_by_its_reader(tmp_path):
@@ -358,3 +359,66 @@ def test_gpu_check_without_pytest_says_which_install_it_needs(tmp_path):
     r = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stdout.count("\n") == 1 and "pip install -e '.[test]'" in r.stdout
+
+
+# ---------------------------------------------------------------- cosmetics: plurals, durations, help, whole messages
+
+
+def test_counts_and_durations_read_as_english():
+    from minideep_cli.views import count, duration
+
+    assert [count(n, "document") for n in (0, 1, 2, 1200)] == ["0 documents", "1 document", "2 documents",
+                                                                 "1,200 documents"]
+    assert [duration(s) for s in (8.2, 45, 150, 9000)] == ["8.2 s", "45 s", "2.5 min", "2.5 h"]
+
+
+def test_a_short_run_reports_seconds_and_one_step(tmp_path):
+    from rich.console import Console
+
+    from minideep_cli.train import TrainResult
+    from minideep_cli.views.train import render_result
+
+    console = Console(record=True, width=200)
+    val = {"bpb": 2.5, "loss": 1.7, "perplexity": 5.5, "tokens": 100}
+    render_result(console, TrainResult(tmp_path, step=1, tokens=128, elapsed=8.2, stopped="done", val=val, val_step=1))
+    assert "done: 1 step, 128 tokens in 8.2 s" in console.export_text()
+
+
+def test_one_document_tokenize_summary_is_singular(tmp_path):
+    from minideep_cli.views.tokenize import split_summary
+
+    meta = {"settings": {"val_tokens": 10, "shard_tokens": 20, "shuffle_seed": None}, "vocab_size": 300,
+            "documents": 2, "val_documents": 1, "train_tokens": 20, "val_tokens": 10, "val_bytes": 40,
+            "train_bytes": 80, "shards": [{"split": "val"}, {"split": "train"}], "shard_tokens": 20}
+    text = split_summary(tmp_path, meta)
+    assert "2 documents" in text and "validation: 1 document," in text and "train: 1 document," in text
+    assert "in 1 shard of up to" in text
+
+
+def test_sample_help_shows_every_default_on_its_line():
+    r = invoke("sample", "--help")
+    assert r.exit_code == 0
+    assert all(line.count("[default:") == line.count("]") or "[default:" not in line for line in r.output.splitlines())
+    assert "[default: (a newline)]" in r.output
+
+
+def test_long_reasons_are_not_cut(tmp_path, monkeypatch):
+    import torch
+
+    from minideep_cli.checkpoint import load_checkpoint
+    from minideep_cli.errors import UserError, first_line
+
+    reason = "the file ends inside the record of tensor " + "model.blocks.0.mlp.experts.w1 " * 8 + "(offset 123456)"
+    assert len(reason) > 200 and first_line(RuntimeError(f"\n{reason}\nmore")) == reason
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(ValueError("word " * 1000)).endswith("word …") and len(first_line(ValueError("word " * 1000))) < 1010
+    path = tmp_path / "c.pt"
+    torch.save({"kind": "minideep-checkpoint"}, path)
+
+    def damaged(*a, **k):
+        raise RuntimeError(reason)
+
+    monkeypatch.setattr(torch, "load", damaged)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    assert str(e.value).endswith(reason)

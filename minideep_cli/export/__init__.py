@@ -54,7 +54,7 @@ from typing import Callable
 
 from ..checkpoint import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_KIND, TOKENIZER, WEIGHTS, load_checkpoint,
                           model_from_checkpoint, plain_weights, safetensors_module)
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files import stale_temp, temp_dir
 from ..tokenizer import EOT, load_tokenizer
 from .hf import generation_config, hf_tokenizer_files, hf_weights, json_text
@@ -170,8 +170,8 @@ def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable
             if not (old / "replaced").exists():
                 old.rmdir()
         if isinstance(e, Exception) and not isinstance(e, UserError):  # e.g. SafetensorError on a full disk
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"cannot write {out_dir}: {reason[:200]}; it was left as it was")
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise UserError(f"cannot write {out_dir}: {reason}; it was left as it was")
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
