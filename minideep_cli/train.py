@@ -266,14 +266,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     if pick_dtype(cfg.train.dtype, device) == torch.bfloat16 and device == "cpu" and not cpu_native_bf16():
         emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
     ckpt = _check_run_dir(run_dir, resume, force, d, checkpoint)
+    resumed_from = _file_id(run_dir / "last.pt") if resume and d.main else None
     data = _open_data_once(cfg, d, emit)
     _fit_data(cfg, data, ckpt)
     lock = None
     if d.main:  # one process writes a run dir: held until this one ends (the kernel frees it on kill -9)
         lock = lock_folder(run_dir, "minideep train")
     try:
-        if d.main:
-            _check_new_run_dir(run_dir, resume, force)  # again, now that no other process can start one here
+        if d.main:  # again, now that no other process can start here
+            _check_new_run_dir(run_dir, resume, force)
+            if resume and _file_id(run_dir / "last.pt") != resumed_from:
+                raise UserError(f"{run_dir / 'last.pt'} changed while this run was starting (another process "
+                                "trained this run meanwhile); run the command again to continue from it")
         with _logger_errors_raised_here():
             return Trainer(cfg, run_dir, data, d, device, emit, ckpt).train()
     except OSError as e:
@@ -286,6 +290,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     finally:
         if lock is not None:
             lock.close()
+
+
+def _file_id(path: Path) -> Optional[tuple]:
+    """What changes when a checkpoint is saved again (a new file is renamed over it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @contextmanager
