@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import atomic_file
 from .schema import FINITE, NAT, POSITIVE, MapOf, Where, check, kind, read_json
 
@@ -86,7 +86,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
         # RuntimeError: "encrypted", NotImplementedError: "zip file version", ValueError: a name's bad UTF-8
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e)
         raise UserError(f"{p} is damaged: its zip headers cannot be read ({first})")
     if bad is not None:
         raise UserError(f"{p} is damaged: its part {bad} does not match its checksum")
@@ -98,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{p} holds Python objects{what} that only running code could load: refused "
                         "(a minideep checkpoint holds tensors, numbers and strings only)")
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"{p} is not a readable minideep checkpoint (damaged or another format): {first}")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
         raise UserError(f"{p} is not a minideep checkpoint")
@@ -294,7 +294,7 @@ def load_export(folder: str | os.PathLike) -> dict:
     try:
         state = safetensors_torch.load_file(str(folder / WEIGHTS), device="cpu")
     except Exception as e:  # safetensors raises its own error types for damaged files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e)
         raise UserError(f"{folder / WEIGHTS} is not a readable safetensors file: {first}")
     for name, t in state.items():  # an export older than its checksum: at least every number finite
         if t.is_floating_point() and not bool(t.isfinite().all()):

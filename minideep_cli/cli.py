@@ -15,8 +15,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__
-from .errors import UserError
-from .files import writable, write_file
+from .errors import UserError, first_line
+from .files import prints_to_stdout, writable, write_output
 
 app = typer.Typer(
     add_completion=False,
@@ -50,7 +50,7 @@ def guarded(fn):
         except (OSError, RuntimeError, ValueError) as e:
             if debug:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = first_line(e)
             _err(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)")
             raise typer.Exit(1)
 
@@ -80,10 +80,11 @@ Overrides = Annotated[
 ]
 
 
-def _console():
+def _console(*outputs: Optional[Path]):
+    """The console for what a command shows; stderr when one of its outputs (--json -) is stdout."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=any(o is not None and prints_to_stdout(o) for o in outputs), highlight=False)
 
 
 # ---------------------------------------------------------------- tokenize
@@ -182,7 +183,7 @@ def train(
     """
     from .config import resolve_config
     from .device import default_preset
-    from .train import resume_config, train as run_train
+    from .train import StoppedUnsaved, resume_config, train as run_train
     from .views.train import TrainView, render_result
 
     overrides, ckpt = list(override or []), None
@@ -202,9 +203,15 @@ def train(
     console = _console()
     view = TrainView(console)
     try:
-        result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt, new_data=new_data)
-    finally:
-        view.close()
+        try:
+            result = run_train(cfg, run_dir, resume=resume, on_event=view, force=force, checkpoint=ckpt, new_data=new_data)
+        finally:
+            view.close()
+    except StoppedUnsaved as e:  # the exit code a shell gives a process that signal ended
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        _err(str(e))
+        raise typer.Exit(128 + e.signum)
     if result.main:  # under torchrun, rank 0 reports for every rank
         render_result(console, result)
     if result.stopped != "done":  # as a shell reports a process a signal ended: 130 SIGINT, 143 SIGTERM
@@ -248,7 +255,7 @@ def eval_cmd(
 def sample(
     ctx: typer.Context,
     ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint file or run dir; default: newest run in runs/.")] = None,
-    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "\n",
+    prompt: Annotated[str, typer.Option(help="Text to continue.", show_default="a newline")] = "\n",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 = off.")] = 0,
@@ -381,7 +388,7 @@ def inspect_routing(
     for out in (json_out, html):
         if out is not None:
             writable(out)
-    console = _console()
+    console = _console(json_out, html)
     bar = TokenBar("routing")
     try:
         report = route_checkpoint(ckpt, text, prompt, layer, max_tokens, device, progress=bar)
@@ -391,13 +398,13 @@ def inspect_routing(
     if json_out:
         from .schema import json_text
 
-        write_file(json_out, json_text(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        console.print(f"wrote {json_out}")
+        write_output(json_out, json_text(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        _wrote(console, json_out)
     if html:
         from .views.html import render_html
 
-        write_file(html, render_html(report))
-        console.print(f"wrote {html}")
+        write_output(html, render_html(report))
+        _wrote(console, html)
 
 
 def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
@@ -408,12 +415,19 @@ def _routing_history(run: Optional[Path], json_out: Optional[Path]) -> None:
     run = run or newest_run()
     if run is None:
         raise UserError("no run dir given and no runs under ./runs")
+    if json_out:
+        writable(json_out)
     h = read_history(run)
-    render_history(_console(), h)
+    render_history(_console(json_out), h)
     if json_out:
         from .schema import json_text
 
-        write_file(json_out, json_text(h.to_dict(), indent=1) + "\n")
+        write_output(json_out, json_text(h.to_dict(), indent=1) + "\n")
+
+
+def _wrote(console, path: Path) -> None:
+    if not prints_to_stdout(path):
+        console.print(f"wrote {path}")
 
 
 @app.command()
@@ -462,13 +476,13 @@ def bench(
         writable(json_file)
     overrides = list(override or []) + ([f"model.attention={attention}"] if attention else [])
     plan = bench_plan(preset, config, arch, overrides, section, quick, estimate_memory, device_memory, compare_hf, vs)
-    console = _console()
+    console = _console(json_file)
     result = run_bench(plan.cfg, plan.opts, plan.preset, plan.peers,
                        on_event=lambda text: console.print(f"[dim]{text}[/dim]"), variants=plan.variants)
     render_bench(console, result)
     if json_file:
-        write_file(json_file, json_safe(result))
-        console.print(f"wrote {json_file}")
+        write_output(json_file, json_safe(result))
+        _wrote(console, json_file)
 
 
 # ---------------------------------------------------------------- export

@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .schema import repair_text
 
 EOT = "<|endoftext|>"
@@ -33,7 +33,7 @@ def load_tokenizer(json_text: str, where: str = "the tokenizer") -> Tokenizer:
     try:
         tok = Tokenizer.from_str(json_text)
     except Exception as e:  # tokenizers raises a bare Exception for text it cannot parse
-        raise UserError(f"{where} is damaged (not a tokenizer JSON): {str(e).splitlines()[0][:120]}")
+        raise UserError(f"{where} is damaged (not a tokenizer JSON): {first_line(e)}")
     # "<|endoftext|>" written in a text is text, not a document boundary: encode it as such
     # (the flag is not part of the JSON, so it is set on every load)
     tok.encode_special_tokens = True

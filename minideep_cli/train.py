@@ -10,9 +10,12 @@ are reduced across ranks so that every rank takes the same branch."""
 
 from __future__ import annotations
 
+import errno
 import math
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,9 +29,9 @@ from .data.integrity import check_same_data, fingerprint
 from .device import cpu_native_bf16, keep_cpu_memory, pick_device, pick_dtype
 from .distributed import (Dist, all_reduce, barrier, full_state, gather_objects, load_optimizer, setup,
                           sync_context, teardown, wrap)
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import autocast_for, bits_per_byte, evaluate_tokens, nll_and_bytes
-from .files import remove_stale_temps
+from .files import LOCK, lock_folder, remove_stale_temps, stale_temp, write_file
 from .generate import generate
 from .models import build_model
 from .models.rules import has_experts
@@ -87,6 +90,17 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class StoppedUnsaved(UserError):
+    """A second Ctrl-C or SIGTERM in the middle of a step: stopped at once, nothing saved (the
+    step's state is half-updated); the last checkpoint is as it was."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        last = run_dir / "last.pt"
+        kept = f"{last} (the last checkpoint) is intact" if last.is_file() else "no checkpoint had been saved yet"
+        super().__init__(f"stopped at once by a second signal during step {step + 1}, without saving it; {kept}")
+        self.signum = int(signum)
 
 
 class _NullWriter:
@@ -148,7 +162,23 @@ def resume_config(run_dir: Optional[Path], overrides: list[str], data_dir: Optio
     if data_dir:
         cfg.data.dir = str(data_dir)
     validate(cfg)
+    _check_budget_ahead(run_dir, cfg, ckpt.get("loop"), [parse_override(o)[0] for o in overrides])
     return run_dir, cfg, ckpt
+
+
+def _check_budget_ahead(run_dir: Path, cfg: Config, loop, changed: list[str]) -> None:
+    """A budget given with --resume must lie ahead of where the run stands: a run at step 185
+    told -o train.max_steps=60 would start, do nothing and report 185 steps done."""
+    budget = [k for k in ("train.max_steps", "train.max_minutes") if k in changed]
+    if not budget or not isinstance(loop, dict):
+        return
+    step, elapsed = loop.get("step"), loop.get("elapsed")
+    if not isinstance(step, int) or not isinstance(elapsed, (int, float)) or run_progress(step, elapsed, cfg) < 1.0:
+        return
+    t = cfg.train
+    given = " and ".join(f"{k}={getattr(t, k.split('.')[1]):g}" for k in budget)
+    raise UserError(f"--resume: {run_dir} is already at step {step} ({elapsed / 60:.1f} min trained), past {given}; "
+                    f"give a larger budget to continue it")
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, on_event: Optional[Event] = None,
@@ -177,16 +207,29 @@ def _open_data_once(cfg: Config, d: Dist, emit: Event) -> TokenData:
     return open_data(cfg, progress)
 
 
+CHECKPOINTS = ("last.pt", "best.pt")
+
+
+def _is_run_dir(run_dir: Path) -> bool:
+    """run_dir is minideep's: a run's config.yaml beside its checkpoints or logs, or nothing but
+    minideep's own leftovers (its lock, temporaries of dead writers)."""
+    if (run_dir / "config.yaml").is_file() and any((run_dir / n).exists() for n in (*CHECKPOINTS, "tb")):
+        return True
+    return all(p.name == LOCK or stale_temp(p.name, _own_name) for p in run_dir.iterdir())
+
+
+def _own_name(name: str) -> bool:
+    return name in (*CHECKPOINTS, "config.yaml")
+
+
 def _check_run_dir(run_dir: Path, resume: bool, force: bool, d: Dist, checkpoint: Optional[dict]) -> Optional[dict]:
-    """A new run needs an empty run dir (any with force); a resumed one, its last.pt, returned."""
-    if d.main and run_dir.is_dir():
-        remove_stale_temps(run_dir)  # checkpoints a killed process was writing
-    if not resume and (run_dir / "last.pt").exists() and not force:
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
-    if not resume and not force and run_dir.is_dir() and any(run_dir.iterdir()):
-        names = sorted(p.name for p in run_dir.iterdir())
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise UserError(f"{run_dir} is not empty (it holds {shown}); choose another --out, or --force to write there")
+    """A new run needs an empty run dir (any with force); a resumed one, its last.pt, returned.
+    A run dir another process is training into is refused, naming its PID."""
+    if d.main and (run_dir / LOCK).is_file():
+        lock_folder(run_dir, "minideep train").close()  # refuses while another process holds it
+    if d.main and run_dir.is_dir() and _is_run_dir(run_dir):
+        remove_stale_temps(run_dir, _own_name)  # checkpoints a killed process was writing
+    _check_new_run_dir(run_dir, resume, force)
     ckpt = None
     if resume:
         if checkpoint is None and not (run_dir / "last.pt").is_file():
@@ -195,6 +238,17 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool, d: Dist, checkpoint
         check_resumable(ckpt, run_dir / "last.pt")
     barrier(d)  # every rank has checked run_dir before rank 0 writes into it
     return ckpt
+
+
+def _check_new_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    if resume or force:
+        return
+    if (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{run_dir} is not empty (it holds {shown}); choose another --out, or --force to write there")
 
 
 def _fit_data(cfg: Config, data: TokenData, ckpt: Optional[dict]) -> None:
@@ -216,9 +270,58 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_event: Optional[Event], 
     if pick_dtype(cfg.train.dtype, device) == torch.bfloat16 and device == "cpu" and not cpu_native_bf16():
         emit("note", {"text": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs slower than fp32 here"})
     ckpt = _check_run_dir(run_dir, resume, force, d, checkpoint)
+    resumed_from = _file_id(run_dir / "last.pt") if resume and d.main else None
     data = _open_data_once(cfg, d, emit)
     _fit_data(cfg, data, ckpt)
-    return Trainer(cfg, run_dir, data, d, device, emit, ckpt, new_data).train()
+    lock = None
+    if d.main:  # one process writes a run dir: held until this one ends (the kernel frees it on kill -9)
+        lock = lock_folder(run_dir, "minideep train")
+    try:
+        if d.main:  # again, now that no other process can start here
+            _check_new_run_dir(run_dir, resume, force)
+            if resume and _file_id(run_dir / "last.pt") != resumed_from:
+                raise UserError(f"{run_dir / 'last.pt'} changed while this run was starting (another process "
+                                "trained this run meanwhile); run the command again to continue from it")
+        with _logger_errors_raised_here():
+            return Trainer(cfg, run_dir, data, d, device, emit, ckpt, new_data).train()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = run_dir / "last.pt"
+        kept = (f"the last checkpoint, {last}, is intact (free some space, then continue with: minideep train "
+                f"--resume --out {run_dir})") if last.is_file() else "no checkpoint had been saved yet"
+        raise UserError(f"the disk holding {run_dir} is full ({e.strerror}); {kept}")
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _file_id(path: Path) -> Optional[tuple]:
+    """What changes when a checkpoint is saved again (a new file is renamed over it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextmanager
+def _logger_errors_raised_here():
+    """TensorBoard writes its events from a thread; when a write fails (a full disk) the thread
+    prints a traceback, and the writer raises the same error on its next call in this thread,
+    which is where we report it. While training, that thread's print is silenced; every other
+    thread's error prints as before."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread" or not isinstance(args.exc_value, OSError):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class Trainer:
@@ -248,7 +351,7 @@ class Trainer:
         self.restore(ckpt)
         if d.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_file(run_dir / "config.yaml", to_yaml(cfg))
         self.fwd_model = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.eval_model = self.model if d.mode == "ddp" else self.fwd_model  # validation needs no DDP gradient hooks
         self.ctx = autocast_for(device, self.dtype)
@@ -277,7 +380,7 @@ class Trainer:
         try:
             load_optimizer(self.wrapped, self.optimizer, ckpt["optimizer"], d)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--resume: checkpoint does not match the config: {str(e).splitlines()[0]}")
+            raise UserError(f"--resume: checkpoint does not match the config: {first_line(e)}")
         loop = ckpt["loop"]
         self.state = RunState(loop["step"], loop["tokens"], loop["elapsed"], loop["best_val_loss"])
         if self.new_data:  # --new-data: another validation split, so no best loss to beat yet
@@ -304,18 +407,21 @@ class Trainer:
         self.last_log = (start, s.tokens)
         with _StopFlag() as stop:
             while run_progress(s.step, s.elapsed, cfg) < 1.0:
-                out = self.train_step()
+                try:
+                    out = self.train_step()
+                except KeyboardInterrupt:  # a second signal inside a step: its state is half-updated
+                    raise StoppedUnsaved(stop.signum or signal.SIGINT, self.run_dir, s.step)
                 s.step += 1
                 s.tokens += self.tokens_per_step
                 s.elapsed = self.agreed(elapsed_before + time.perf_counter() - start, "max")
                 finished = run_progress(s.step, s.elapsed, cfg) >= 1.0
-                if (s.step % t.log_interval == 0 or finished) and not self.log(out, stop):
-                    break
-                if s.step % t.eval_interval == 0 or finished:
-                    if not self.evaluate_and_save():
+                try:
+                    if not self.after_step(out, stop, finished):
                         break
-                elif t.ckpt_interval and s.step % t.ckpt_interval == 0:
-                    self.save(["last.pt"])
+                except KeyboardInterrupt:  # a second signal between steps: the state is whole, save it
+                    if self.d.active:
+                        raise
+                    stop.requested = True
                 stop.requested = bool(self.agreed(float(stop.requested), "max"))  # a stop on any rank stops all
                 if stop.requested:
                     s.stopped = "interrupted"
@@ -323,6 +429,17 @@ class Trainer:
                     break
         self.writer.flush()
         return self.finish(stop.signum)
+
+    def after_step(self, out: StepOutput, stop: _StopFlag, finished: bool) -> bool:
+        """Log, validate and save as the step's number asks; False when the run diverged."""
+        s, t = self.state, self.cfg.train
+        if (s.step % t.log_interval == 0 or finished) and not self.log(out, stop):
+            return False
+        if s.step % t.eval_interval == 0 or finished:
+            return self.evaluate_and_save(stop)
+        if t.ckpt_interval and s.step % t.ckpt_interval == 0:
+            self.save(["last.pt"])
+        return True
 
     def start_info(self) -> dict:
         m, t, d = self.model, self.cfg.train, self.d
@@ -404,25 +521,38 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def quick_val(self) -> dict:
-        """Validation on eval_iters fixed batches: loss and bits per byte (the same on every rank)."""
+    def quick_val(self, stop: Optional[_StopFlag] = None) -> Optional[dict]:
+        """Validation on eval_iters fixed batches: loss and bits per byte (the same on every rank).
+        None when a stop is asked meanwhile (checked between batches: a long validation must not
+        hold up a scheduler's SIGTERM); the weights are those of the step, so the caller saves."""
         t, dev = self.cfg.train, self.device
         self.model.eval()
         g = torch.Generator().manual_seed(EVAL_SEED)
         blen = torch.tensor(self.byte_lengths, dtype=torch.float64, device=dev)
         nll = nbytes = count = 0.0
-        for _ in range(t.eval_iters):
-            x, y = get_batch(self.data.val, t.batch_size, self.cfg.model.block_size, g)
-            a, b, c = nll_and_bytes(self.eval_model, x.to(dev), y.to(dev), blen, self.ctx)
-            nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
-        self.model.train()
+        try:
+            for _ in range(t.eval_iters):
+                if stop is not None and self.agreed(float(stop.requested), "max"):
+                    return None
+                x, y = get_batch(self.data.val, t.batch_size, self.cfg.model.block_size, g)
+                a, b, c = nll_and_bytes(self.eval_model, x.to(dev), y.to(dev), blen, self.ctx)
+                nll, nbytes, count = nll + a.item(), nbytes + b.item(), count + c.item()
+        except KeyboardInterrupt:  # a second signal: validation changes no state, so saving is still right
+            if stop is None or self.d.active:
+                raise
+            return None
+        finally:
+            self.model.train()
         return {"loss": nll / count, "bpb": bits_per_byte(nll, nbytes)}
 
-    def evaluate_and_save(self) -> bool:
+    def evaluate_and_save(self, stop: Optional[_StopFlag] = None) -> bool:
         """Periodic validation; saves last.pt, and best.pt when the loss is the lowest yet. False
-        when the loss is not finite."""
+        when the loss is not finite. A stop asked during validation skips it (the loop saves)."""
         s = self.state
-        val = self.quick_val()
+        val = self.quick_val(stop)
+        if val is None:
+            stop.requested = True
+            return True
         if not math.isfinite(val["loss"]):
             return self.diverged(val["loss"])
         self.writer.add_scalar("val/loss", val["loss"], s.step)

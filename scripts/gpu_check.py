@@ -1,8 +1,8 @@
 """The driver behind scripts/gpu-check.sh (see docs/gpu-check.md): runs the checks of tests/gpu
 through pytest, then `minideep bench -s train -s moe -s decode` on the rtx3060 and a100 presets,
 and writes OUT/gpu-check.json (every check: name, status, seconds, key figures) and
-OUT/summary.txt. Exit status: 0 all passed (skips allowed), 1 a check failed, 2 no CUDA GPU and
-no --cpu (one line says so).
+OUT/summary.txt. Exit status: 0 all passed (skips allowed), 1 a check failed, 2 it cannot run
+here: no CUDA GPU and no --cpu, or no pytest (one line says which).
 
 --cpu is the dry run: the same checks on the CPU at tiny shapes (MINIDEEP_GPU_CHECK_CPU=1), so
 that the default test run keeps them working on machines without a GPU."""
@@ -131,6 +131,12 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path, help="folder for gpu-check.json, summary.txt and the logs")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU at tiny shapes (no GPU needed)")
     args = ap.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:  # the checks are tests/gpu, run by pytest
+        print("gpu-check: needs pytest, which the test extra installs: pip install -e '.[test]' "
+              "(or only: pip install pytest)")
+        return 2
     import torch
 
     if not args.cpu and not torch.cuda.is_available():

@@ -3,6 +3,8 @@ and the sequential shard reader training uses."""
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +121,9 @@ def test_killed_tokenize_resumes_to_identical_shards(tmp_path, docs):
         TokenData.open(out)
     # what a kill can leave besides: a temp file half written, a renamed shard progress.json
     # does not list yet (here: garbage). Neither may end up in the data.
-    (out / ".train_000002.bin.abc.tmp").write_bytes(b"\x01\x02" * 100)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".train_000002.bin.minideep-{dead.pid}-0123abcd.tmp").write_bytes(b"\x01\x02" * 100)
     (out / "train_000002.bin").write_bytes(b"\xff" * 10)
     with pytest.raises(UserError, match="other inputs or options"):
         tokenize_source(src, out, workers=1, **{**OPTS, "shard_tokens": 5000})

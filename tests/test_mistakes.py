@@ -81,13 +81,13 @@ def test_stale_checkpoint_temporaries_of_dead_writers_are_removed(tmp_path, smal
     dead.wait()
     out = tmp_path / "run"
     out.mkdir()
-    stale = out / f".last.pt.{dead.pid}.0123abcd.tmp"
-    live = out / f".last.pt.{os.getpid()}.0123abcd.tmp"  # a writer still at work: kept
+    stale = out / f".last.pt.minideep-{dead.pid}-0123abcd.tmp"
+    live = out / f".last.pt.minideep-{os.getpid()}-0123abcd.tmp"  # a writer still at work: kept
     stale.write_bytes(b"x" * 1000)
     from minideep_cli.files import remove_stale_temps
 
     live.write_bytes(b"x")
-    remove_stale_temps(out)
+    remove_stale_temps(out, lambda name: name == "last.pt")
     assert not stale.exists() and live.exists()
     live.unlink()
     stale.write_bytes(b"x" * 1000)  # a run dir holding only such leftovers is a fresh one

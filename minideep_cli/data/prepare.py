@@ -50,13 +50,24 @@ def check_data_out_dir(out: Path, same: Callable[[dict], bool], force: bool) -> 
             raise UserError(f"{out} holds data tokenized from other text or with other settings; "
                             "choose another --out, or --force to replace it")
     else:  # an unfinished data dir is fine: tokenize writes progress.json first and removes it last
-        unfinished = read_progress(out, "--force starts over") is not None
+        unfinished = is_progress_file(out / "progress.json") and read_progress(out, "--force starts over") is not None
         others = sorted(p.name for p in out.iterdir()
                         if not p.name.startswith(".") and not (unfinished and is_data_file(p.name)))
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise UserError(f"{out} holds other files than a data dir's ({shown}); choose another --out, "
                             "or --force to write there")
+
+
+def is_progress_file(path: Path) -> bool:
+    """path is the progress.json tokenize writes first (one text: the source's hash; documents:
+    the settings), not a file of the same name of the user's."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and (isinstance(state.get("source_sha256"), str)
+                                        or isinstance(state.get("settings"), dict))
 
 
 def is_data_file(name: str) -> bool:

@@ -36,11 +36,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import UserError
-from ..files import write_file
+from ..files import remove_stale_temps, write_file
 from ..tokenizer import EOT, load_tokenizer, token_byte_lengths, train_tokenizer
 from .encode import encoded_batches
 from .integrity import read_meta, read_progress
-from .prepare import FORMAT_VERSION, check_data_out_dir, dtype_for
+from .prepare import FORMAT_VERSION, check_data_out_dir, dtype_for, is_data_file
 from .sources import Source
 
 ShardProgress = Callable[[dict], None]
@@ -133,8 +133,7 @@ def _start_or_resume(out: Path, source: Source, settings: dict, report: ShardPro
     progress.json written first (it marks an unfinished data dir), then tokenizer.json."""
     state = _unfinished(out, settings)
     if state is not None:
-        for f in out.glob(".*.tmp"):  # a shard a killed run was writing: never used
-            f.unlink()
+        remove_stale_temps(out, is_data_file)  # a shard a killed run was writing: never used
         tok_json = (out / "tokenizer.json").read_text()
         if state["records"] < state.get("held", 0):  # killed among the shuffled first documents:
             _remove_data_files(out)  # they are read and shuffled again, to the same files
@@ -270,9 +269,10 @@ def sample_for_tokenizer(source: Source, max_bytes: int) -> list[str]:
 
 
 def _remove_data_files(out: Path) -> None:
-    for pattern in ("val_*.bin", "train_*.bin", "train.bin", "val.bin", ".*.tmp"):
+    for pattern in ("val_*.bin", "train_*.bin", "train.bin", "val.bin"):
         for f in out.glob(pattern):
             f.unlink()
+    remove_stale_temps(out, is_data_file)  # only minideep's own temporaries, of dead writers
 
 
 def plan_split(doc_tokens: list[int], read: Optional[float], ended: bool, val_tokens: Optional[int] = None,

@@ -55,8 +55,8 @@ from typing import Callable
 
 from ..checkpoint import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_KIND, TOKENIZER, WEIGHTS, load_checkpoint,
                           model_from_checkpoint, plain_weights, safetensors_module)
-from ..errors import UserError
-from ..files import temp_dir
+from ..errors import UserError, first_line
+from ..files import stale_temp, temp_dir
 from ..tokenizer import EOT, load_tokenizer
 from .hf import generation_config, hf_tokenizer_files, hf_weights, json_text
 
@@ -84,6 +84,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     src = Path(ckpt_path).resolve()
     if src == out_dir.resolve() or out_dir.resolve() in src.parents:
         raise UserError(f"{out_dir} holds the checkpoint being exported ({ckpt_path}); choose another folder")
+    clean_leftovers(out_dir.absolute())
     check_out_dir(out_dir, force)
     safetensors_torch = safetensors_module("minideep export")
     ckpt = load_checkpoint(ckpt_path)
@@ -123,11 +124,26 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"{out_dir} is not empty; choose another folder or pass --force to replace it")
 
 
+def clean_leftovers(out_dir: Path) -> None:
+    """What an export of out_dir killed mid-write (kill -9) left beside it, named by files.temp_name
+    with the PID of a process now gone: its temporary folder, removed; the previous out_dir it
+    was replacing, put back if out_dir is missing (else removed: the new one was in place)."""
+    if not out_dir.parent.is_dir():
+        return
+    for p in out_dir.parent.iterdir():
+        if not stale_temp(p.name, lambda name: name == out_dir.name) or not p.is_dir() or p.is_symlink():
+            continue
+        if p.name.endswith(".old") and (p / "replaced").is_dir() and not out_dir.exists():
+            os.replace(p / "replaced", out_dir)
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable) -> None:
     """files: name -> str (text), bytes, or dict of tensors (safetensors). Written into a temporary folder
     next to out_dir, fsynced, then renamed into place; on any failure nothing is left behind."""
-    check_out_dir(out_dir, force)
     parent = out_dir.absolute().parent
+    clean_leftovers(parent / out_dir.name)
+    check_out_dir(out_dir, force)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(parent / out_dir.name)
     old = None
@@ -159,8 +175,8 @@ def write_folder(out_dir: Path, files: dict, force: bool, save_tensors: Callable
             if not (old / "replaced").exists():
                 old.rmdir()
         if isinstance(e, Exception) and not isinstance(e, UserError):  # e.g. SafetensorError on a full disk
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"cannot write {out_dir}: {reason[:200]}; it was left as it was")
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            raise UserError(f"cannot write {out_dir}: {reason}; it was left as it was")
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 from html import escape
 
 from ..routing_report import RoutingReport
+from . import count
 from .palette import expert_hex
 
 CSS = """
@@ -307,8 +308,8 @@ def render_html(report: RoutingReport) -> str:
 <body>
 <pre id="js-errors" hidden></pre>
 <h1>Routing report</h1>
-<div class="meta">{escape(src.checkpoint)} on {escape(src.text)} &middot; {escape(m.arch)}: {m.n_layer} layers,
-MoE at {', '.join(map(str, m.moe_layers))}; {m.n_experts} experts, top-{m.top_k}, {escape(m.router)} router &middot;
+<div class="meta">{escape(src.checkpoint)} on {escape(src.text)} &middot; {escape(m.arch)}: {count(m.n_layer, 'layer')},
+MoE at {', '.join(map(str, m.moe_layers))}; {count(m.n_experts, 'expert')}, top-{m.top_k}, {escape(m.router)} router &middot;
 drops simulated at capacity factor {m.capacity_factor}, {m.train_batch_size} windows of {m.block_size} per batch
 ({escape(m.drop_policy)} order)</div>
 <div class="cards">{cards}</div>

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..routing_report import History, RoutingReport
+from . import count
 from .palette import bar, expert_hex, spark
 
 
@@ -112,7 +113,7 @@ def pairs_and_paths(report: RoutingReport, layer: int) -> Group:
 def render_report(console: Console, report: RoutingReport) -> None:
     m, s, src = report.model, report.summary, report.source
     console.print(f"[bold]{src.checkpoint}[/bold] on {src.text}: {src.tokens:,} tokens, windows of {m.block_size}")
-    console.print(f"{m.arch}: {m.n_layer} layers, MoE at {', '.join(map(str, m.moe_layers))}; {m.n_experts} experts, "
+    console.print(f"{m.arch}: {count(m.n_layer, 'layer')}, MoE at {', '.join(map(str, m.moe_layers))}; {count(m.n_experts, 'expert')}, "
                   f"top-{m.top_k}, {m.router} router; drops simulated at capacity factor {m.capacity_factor} "
                   f"with {m.train_batch_size} windows per batch ({m.drop_policy} order)")
     console.print(f"worst layer {s.worst_layer} (max/mean {s.worst_imbalance:.2f}); mean router entropy "

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+from . import count
+
 
 class TokenizeView:
     """Fed prepare.tokenize_corpus's events: ("text", {done, total}) while one text is encoded,
@@ -71,11 +73,11 @@ def split_summary(out: Path, meta: dict) -> str:
     if meta.get("val_cut"):
         how += "; its last document is cut and goes on in train"
     shard_how = "--shard-tokens" if settings["shard_tokens"] else "the default: a quarter of train, at most 100,000,000"
-    return (f"wrote {out}: vocab {meta['vocab_size']}, {meta['documents']:,} documents, {total:,} tokens\n"
-            f"  validation: {val_docs:,} documents, {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes), "
+    return (f"wrote {out}: vocab {meta['vocab_size']}, {count(meta['documents'], 'document')}, {total:,} tokens\n"
+            f"  validation: {count(val_docs, 'document')}, {meta['val_tokens']:,} tokens ({meta['val_bytes']:,} bytes), "
             f"{meta['val_tokens'] / total:.1%} ({how})\n"
-            f"  train: {meta['documents'] - val_docs:,} documents, {meta['train_tokens']:,} tokens "
-            f"({meta['train_bytes']:,} bytes) in {n_train} shards of up to "
+            f"  train: {count(meta['documents'] - val_docs, 'document')}, {meta['train_tokens']:,} tokens "
+            f"({meta['train_bytes']:,} bytes) in {count(n_train, 'shard')} of up to "
             f"{meta.get('shard_tokens', settings['shard_tokens']):,} ({shard_how})" + skipped_line(meta))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import count, duration
+
 
 class TrainView:
     """Renders training events: a rich progress bar with loss and ETA, and one line per eval."""
@@ -31,12 +33,13 @@ class TrainView:
                 self.bar.remove_task(self.tok_task)
             budget = []
             if info["max_steps"]:
-                budget.append(f"{info['max_steps']} steps")
+                budget.append(count(info['max_steps'], 'step'))
             if info["max_minutes"]:
                 budget.append(f"{info['max_minutes']:g} min")
             c.print(f"run dir {info['run_dir']}  device {info['device']} ({info['dtype']})  "
                     f"params {info['params'] / 1e6:.2f}M (active {info['active_params'] / 1e6:.2f}M)  "
                     f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}"
+                    + (f" (resumed at step {info['step']:,})" if info.get("step") else "")
                     + (f"  {info['world']} ranks ({info['distributed']})" if info.get("world", 1) > 1 else ""))
             self.bar.start()
             self.task = self.bar.add_task("train", total=1000, info="")
@@ -71,7 +74,7 @@ def render_result(console, result) -> None:
     if result.stopped != "done":
         return
     v = result.val
-    console.print(f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed / 60:.1f} min")
+    console.print(f"done: {count(result.step, 'step')}, {result.tokens:,} tokens in {duration(result.elapsed)}")
     which = f"best checkpoint, step {result.val_step}" if result.val_step != result.step else f"step {result.step}"
     console.print(f"[bold]val bits per byte {v['bpb']:.4f}[/bold]  ({which}; loss {v['loss']:.4f} nats/token, "
                   f"perplexity {v['perplexity']:.2f}, {v['tokens']:,} tokens)")
