@@ -113,7 +113,7 @@ def _specs():
     import torch
 
     def rng_state(size=None):  # a generator's state: bytes (a CPU generator's are always 5056)
-        return Where(torch.Tensor, lambda t: t.dtype == torch.uint8 and t.dim() == 1 and t.numel() == (size or t.numel()),
+        return Where(torch.Tensor, lambda t: t.dtype == torch.uint8 and t.dim() == 1 and size in (None, t.numel()),
                      "a random generator state")
 
     rng, cpu = rng_state(), rng_state(torch.get_rng_state().numel())

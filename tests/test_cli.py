@@ -130,7 +130,8 @@ def test_bad_checkpoints_leave_files_untouched(trained, tmp_path):
 def test_checkpoints_with_missing_or_damaged_parts_are_one_line_errors(trained, tmp_path):
     root, _ = trained
     good = torch.load(root / "run" / "last.pt", weights_only=True)
-    bad = {"noloop": ({**good, "loop": None}, "loop should be a mapping"), "nomodel": ({**good, "model": "x"}, "model should be a mapping"),
+    bad = {"noloop": ({**good, "loop": None}, "loop should be a mapping"),
+           "nomodel": ({**good, "model": "x"}, "model should be a mapping"),
            "badtok": ({**good, "tokenizer": "garbage"}, "tokenizer in"),
            "nokey": ({**good, "model": dict(list(good["model"].items())[1:])}, "tok_emb.weight is missing"),
            "badcfg": ({**good, "config": {**good["config"], "model": {**good["config"]["model"], "n_head": 0}}},

@@ -279,6 +279,11 @@ def test_damaged_safetensors_export_is_one_clear_line(tmp_path, tok_json):
     export_checkpoint(ckpt, tmp_path / "st", "safetensors")
     (tmp_path / "st" / "model.safetensors").write_bytes(b"\x00" * 64)
     assert_clean_error(invoke("eval", tmp_path / "st", "--text", tmp_path / "st" / "tokenizer.json"),
+                       "model.safetensors", "checksum")
+    meta = json.loads((tmp_path / "st" / "minideep_config.json").read_text())
+    del meta["weights_sha256"]  # as an export older than its checksum
+    (tmp_path / "st" / "minideep_config.json").write_text(json.dumps(meta))
+    assert_clean_error(invoke("eval", tmp_path / "st", "--text", tmp_path / "st" / "tokenizer.json"),
                        "not a readable safetensors file")
     (tmp_path / "st" / "minideep_config.json").write_text("{not json")
     assert_clean_error(invoke("sample", tmp_path / "st"), "minideep_config.json")
@@ -332,7 +337,8 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path, tok_json, monkeypa
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # hf folders
+    monkeypatch.setattr(Path, "write_bytes", disk_full)  # safetensors folders: their weights' bytes, hashed first
     with pytest.raises(UserError, match="No space left"):
         export_checkpoint(ckpt, tmp_path / "new", "safetensors")
     assert not (tmp_path / "new").exists() and not leftovers(tmp_path)

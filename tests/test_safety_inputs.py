@@ -5,7 +5,6 @@ and require a UserError (or success) every time."""
 
 import copy
 import json
-import math
 import os
 import random
 import shutil
