@@ -425,7 +425,8 @@ def test_small_corpora_tokenize_and_train_with_no_flags(tmp_path, monkeypatch):
         meta = TokenData.open(out).meta
         docs = len(paras) if name != "txt" else 3
         assert meta["documents"] == docs and meta["vocab_size"] == 2048
-        assert f"validation: {meta['val_documents']:,} documents, {meta['val_tokens']:,} tokens" in r.stdout
+        val_docs = f"{meta['val_documents']:,} document" + ("s" if meta["val_documents"] != 1 else "")
+        assert f"validation: {val_docs}, {meta['val_tokens']:,} tokens" in r.stdout
         total = meta["val_tokens"] + meta["train_tokens"]
         assert total // 10 <= meta["val_tokens"] < (0.11 * total if name != "txt" else total // 10 + 1), name
         assert meta["val_cut"] == (name == "txt")  # three books: the first one is cut at 10%

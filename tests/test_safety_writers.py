@@ -38,16 +38,20 @@ def cli(*args, **kw):
 # ---------------------------------------------------------------- 1. one writer for every output
 
 
+def device_node(path: Path, minor: int) -> Path:
+    """A character device like /dev/null (minor 3) or /dev/full (minor 7), made at path: code that
+    wrongly replaces its output replaces this one, never the machine's. Needs root (CAP_MKNOD),
+    as the report's `--json /dev/null` did."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+    except OSError as e:
+        pytest.skip(f"cannot make a device node here: {e}")
+    return path
+
+
 @pytest.fixture
 def null_device(tmp_path):
-    """A character device like /dev/null, made in tmp_path: a wrong writer replaces this one, never
-    the machine's. Needs root (CAP_MKNOD), as the report's `--json /dev/null` did."""
-    node = tmp_path / "null"
-    try:
-        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    except (PermissionError, OSError) as e:
-        pytest.skip(f"cannot make a device node here: {e}")
-    return node
+    return device_node(tmp_path / "null", 3)
 
 
 def test_bench_json_onto_a_device_writes_through_it(null_device):
@@ -86,10 +90,16 @@ def test_json_dash_prints_only_json_on_stdout():
 
 
 def test_json_onto_dev_stdout_prints_json(tmp_path):
-    r = cli(*ESTIMATE, "--json", "/dev/stdout", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["schema_version"] == 1
-    assert "wrote" not in r.stdout + r.stderr
+    # /dev/stdout is a link to /proc/self/fd/1; this test's own copy of it is what a wrong writer
+    # would replace (the machine's /dev/stdout is left alone)
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
+    for path in (stdout, "/dev/fd/1"):
+        r = cli(*ESTIMATE, "--json", path, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["schema_version"] == 1
+        assert "wrote" not in r.stdout + r.stderr
+    assert stdout.is_symlink()
 
 
 def test_json_onto_a_symlink_keeps_the_link_and_updates_its_target(tmp_path):
@@ -107,12 +117,11 @@ def test_json_onto_a_symlink_keeps_the_link_and_updates_its_target(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["bench.json"]
 
 
-def test_json_onto_dev_full_is_one_line_and_a_failure():
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
-    r = invoke(*ESTIMATE, "--json", "/dev/full")
-    assert_clean_error(r, "/dev/full", "No space left")
-    assert stat.S_ISCHR(os.lstat("/dev/full").st_mode)
+def test_json_onto_dev_full_is_one_line_and_a_failure(tmp_path):
+    full = device_node(tmp_path / "full", 7)  # a /dev/full of this test's own
+    r = invoke(*ESTIMATE, "--json", full)
+    assert_clean_error(r, str(full), "No space left")
+    assert stat.S_ISCHR(os.lstat(full).st_mode)
 
 
 def test_routing_history_json_dash(trained):  # noqa: F811
@@ -422,3 +431,17 @@ def test_long_reasons_are_not_cut(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         load_checkpoint(path)
     assert str(e.value).endswith(reason)
+
+
+def test_export_into_a_symlinked_folder_keeps_the_link(trained, tmp_path):  # noqa: F811
+    root, _ = trained
+    real = tmp_path / "exports" / "v1"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("an older export")
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    r = invoke("export", root / "run", link, "--format", "safetensors", "--force")
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "minideep_config.json").is_file() and not (real / "old.txt").exists()
+    assert sorted(p.name for p in real.parent.iterdir()) == ["v1"]  # nothing left beside it

@@ -81,6 +81,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # a link to a folder: the folder it points to is written, the link kept
+        out_dir = out_dir.resolve()
     src = Path(ckpt_path).resolve()
     if src == out_dir.resolve() or out_dir.resolve() in src.parents:
         raise UserError(f"{out_dir} holds the checkpoint being exported ({ckpt_path}); choose another folder")
