@@ -303,6 +303,19 @@ def tokenizer_keys(tokenizer_json: str) -> dict:
     }
 
 
+def placeholder_tokenizer_keys(vocab_size: int) -> dict:
+    """A vocabulary for a file that is fed token ids and never text (`minideep bench`'s random
+    models): byte-level characters in byte order ("\\n" among them, which llama.cpp looks up on
+    loading) and one merge, so llama.cpp loads it as the gpt2 tokenizer it is in a real export."""
+    from ..tokenizer import _byte_level_chars
+
+    chars = sorted(_byte_level_chars(), key=_byte_level_chars().get)  # byte 0, 1, ... as characters
+    tokens = [chars[i] if i < 256 else f"<{i}>" for i in range(vocab_size)]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": PRE_TOKENIZER, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * vocab_size, "tokenizer.ggml.merges": [f"{tokens[0]} {tokens[1]}"],
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
+
+
 def general_keys(name: str, ckpt: dict, cfg) -> dict:
     loop, data = ckpt.get("loop") or {}, ckpt.get("data") or {}
     source = str(data.get("source") or "unknown data")
