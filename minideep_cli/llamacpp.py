@@ -8,11 +8,12 @@ f32 cache (and no flash attention), so an f32 file computes what minideep comput
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -55,16 +56,19 @@ def logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def greedy(llm, prompt: list[int], n: int) -> list[int]:
-    """n tokens, each the argmax of the last logits (ties: the lowest id, as torch's argmax)."""
+def greedy_steps(llm, prompt: list[int]) -> Iterator[int]:
+    """Greedy tokens after the prompt, one per next(): each the argmax of the last logits (ties:
+    the lowest id, as torch's argmax), fed back before the next one is chosen."""
     llm.reset()
     llm.eval(prompt)
-    out = []
-    for i in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        if i + 1 < n:
-            llm.eval(out[-1:])
-    return out
+    while True:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        yield token
+        llm.eval([token])
+
+
+def greedy(llm, prompt: list[int], n: int) -> list[int]:
+    return list(itertools.islice(greedy_steps(llm, prompt), n))
 
 
 def bits_per_byte(llm, tokens: list[int], byte_lengths: list[int], block_size: int) -> float:
@@ -83,15 +87,14 @@ def bits_per_byte(llm, tokens: list[int], byte_lengths: list[int], block_size: i
 
 
 def decode_tokens_per_sec(llm, prompt: list[int], n: int, warmup: int = 2) -> float:
-    """Greedy tokens per second after the prompt, the median step as bench's per_token_seconds
-    times minideep (the prefill and `warmup` tokens are not timed)."""
-    llm.reset()
-    llm.eval(prompt)
+    """Greedy tokens per second after the prompt, the median step, as bench's per_token_seconds
+    times minideep (the prefill, first token and `warmup` tokens are not timed)."""
+    steps = greedy_steps(llm, prompt)
+    next(steps)  # prefill + first token
     times = []
     for i in range(n + warmup):
         start = time.perf_counter()
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([nxt])
+        next(steps)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1 / statistics.median(times)

@@ -2,13 +2,15 @@
 docs/results/2026-12-07-gguf.md was made with it):
 
     python scripts/gguf_check.py RUN [--text HELD_OUT.txt] [--prompt "ROMEO:"] [--tokens 100] [--json OUT.json]
+                                     [--threads N] [--no-bpb]
 
 For each dtype (f32, f16, bf16, q8_0) it exports RUN with `minideep export --format gguf` into a
 temporary folder, then compares, through llama-cpp-python: the token ids of the held-out text; the
 logits of its first block_size tokens (f32 KV cache, and llama.cpp's default f16 one); the greedy
 continuation of the prompt against `minideep sample --temperature 0`'s; bits per byte on the held-out
 text (minideep eval's windows); file sizes; and decoding tokens/s after the prompt, minideep's cached
-generation against llama.cpp's, with the same number of threads. The held-out text defaults to the
+generation against llama.cpp's, with the same number of threads (torch's; set it with
+--threads), one token of each in turn. The held-out text defaults to the
 last 10% of the bundled corpus (the bundled data's validation split). Needs the gguf and
 llama-cpp-python packages (docs/export.md).
 """
@@ -34,18 +36,22 @@ from minideep_cli.inference import load_for_inference
 from minideep_cli.tokenizer import token_byte_lengths, token_bytes
 
 
-def minideep_tokens_per_sec(model, prompt: list[int], n: int) -> float:
-    gen = generate(model, prompt, n + 1, temperature=0.0)
-    next(gen)  # the prefill and first token, not timed (as llamacpp.decode_tokens_per_sec)
-    times = []
+def decode_speeds(decoders: dict, n: int) -> dict:
+    """Greedy tokens/s of each decoder (name -> a generator of tokens after its prompt), timed one
+    token at a time in turn, so that every decoder meets the same load on a shared machine; the
+    median step of each. The prefill and first token are not timed."""
+    for d in decoders.values():
+        next(d)
+    times = {name: [] for name in decoders}
     for _ in range(n):
-        start = time.perf_counter()
-        next(gen)
-        times.append(time.perf_counter() - start)
-    return 1 / float(np.median(times))
+        for name, d in decoders.items():
+            start = time.perf_counter()
+            next(d)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1 / float(np.median(t)) for name, t in times.items()}
 
 
-def check(run: Path, text: str, prompt_text: str, n_new: int) -> dict:
+def check(run: Path, text: str, prompt_text: str, n_new: int, bpb: bool = True) -> dict:
     from minideep_cli import llamacpp
 
     llamacpp.llama_cpp_module()
@@ -65,12 +71,12 @@ def check(run: Path, text: str, prompt_text: str, n_new: int) -> dict:
         "run": str(run), "step": lo.step, "block_size": T, "threads": threads, "prompt": prompt_text,
         "held_out_tokens": len(held),
         "minideep": {
-            "bpb": evaluate_tokens(model, np.array(held), lengths, T)["bpb"],
+            "bpb": evaluate_tokens(model, np.array(held), lengths, T)["bpb"] if bpb else None,
             "continuation": b"".join(pieces[i] for i in ours_tokens).decode("utf-8", "replace"),
-            "decode_tokens_per_sec": minideep_tokens_per_sec(model, prompt, n_new - 1),
         },
         "gguf": {},
     }
+    decoders = {"minideep": generate(model, prompt, n_new, temperature=0.0)}
     with tempfile.TemporaryDirectory() as folder:
         for dtype in ("f32", "f16", "bf16", "q8_0"):
             path = Path(folder) / f"m-{dtype}.gguf"
@@ -84,9 +90,9 @@ def check(run: Path, text: str, prompt_text: str, n_new: int) -> dict:
                 "tokenization_equal": llamacpp.tokenize(llm, text) == held,
                 "max_logit_diff": float(diff), "max_logit_diff_relative": float(diff / np.abs(ours_logits).max()),
                 "greedy_tokens_equal": same, "greedy_tokens": n_new,
-                "bpb": llamacpp.bits_per_byte(llm, held, lengths, T),
-                "decode_tokens_per_sec": llamacpp.decode_tokens_per_sec(llm, prompt, n_new - 3),
+                "bpb": llamacpp.bits_per_byte(llm, held, lengths, T) if bpb else None,
             }
+            decoders[dtype] = llamacpp.greedy_steps(llamacpp.open_gguf(path, T, threads=threads), prompt)
             if dtype == "f32":  # llama.cpp's default KV cache, f16
                 f16_cache = llamacpp.open_gguf(path, T, threads=threads, f32_cache=False)
                 d = np.abs(llamacpp.logits(f16_cache, window) - ours_logits).max()
@@ -95,6 +101,10 @@ def check(run: Path, text: str, prompt_text: str, n_new: int) -> dict:
                 row["f16_cache_greedy_tokens_equal"] = next(
                     (i for i, (a, b) in enumerate(zip(ours_tokens, g)) if a != b), n_new)
             out["gguf"][dtype] = row
+        speeds = decode_speeds(decoders, n_new - 1)  # within the context: prompt + n_new <= block_size
+    out["minideep"]["decode_tokens_per_sec"] = speeds.pop("minideep")
+    for dtype, tps in speeds.items():
+        out["gguf"][dtype]["decode_tokens_per_sec"] = tps
     return out
 
 
@@ -105,14 +115,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="ROMEO:")
     ap.add_argument("--tokens", type=int, default=100, help="greedy tokens to compare and time")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-bpb", action="store_true", help="skip bits per byte (the slow part)")
+    ap.add_argument("--threads", type=int, help="threads for both minideep and llama.cpp (default: torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         if a.text:
             text = read_text_file(a.text)
         else:
             corpus = bundled_corpus().read_text(encoding="utf-8")
             text = corpus[int(len(corpus) * 0.9):]
-        result = check(a.run, text, a.prompt, a.tokens)
+        result = check(a.run, text, a.prompt, a.tokens, bpb=not a.no_bpb)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

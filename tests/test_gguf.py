@@ -226,7 +226,7 @@ def test_the_logit_comparison_has_teeth(case, change, tmp_path, tok_json, monkey
     assert np.abs(theirs - ours).max() > 1e-2 * np.abs(ours).max()
 
 
-def train_briefly(model, tokens: torch.Tensor, steps: int = 150) -> None:
+def train_briefly(model, tokens: torch.Tensor, steps: int = 60) -> None:
     """A few AdamW steps on random windows: enough for bits per byte to mean something."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -265,7 +265,8 @@ def test_q8_0_bits_per_byte_within_2_percent_of_f32(case, tmp_path, tok_json, co
         export_checkpoint(tmp_path / "ckpt.pt", tmp_path / f"{dtype}.gguf", "gguf", dtype=dtype)
         llm = llamacpp.open_gguf(tmp_path / f"{dtype}.gguf", cfg.model.block_size)
         bpb[dtype] = llamacpp.bits_per_byte(llm, held_out, lengths, cfg.model.block_size)
-    assert ours < 3.5  # it learned something (random is log2(600) / ~2.5 bytes per token ~ 3.7)
+    uniform = np.log2(tok.get_vocab_size()) * len(held_out) / sum(lengths[t] for t in held_out)
+    assert ours < 0.85 * uniform  # it learned something: 4.46 bits per byte before training, ~3.6 after
     assert abs(bpb["f32"] - ours) < 1e-4
     assert abs(bpb["q8_0"] - bpb["f32"]) <= 0.02 * bpb["f32"]
     assert (tmp_path / "q8_0.gguf").stat().st_size < 0.5 * (tmp_path / "f32.gguf").stat().st_size

@@ -104,9 +104,12 @@ def gguf_arch(model) -> str:
         arch = "glm4moe"
     elif cfg.attention == "mla":
         arch = "deepseek2"
-        if cfg.q_lora_rank and cfg.n_layer in (26, 27):  # deepseek2 takes these depths for V2-Lite (no q_lora)
+        # deepseek2 takes these shapes for DeepSeek-V2-Lite and its kin, and then reads no q_lora_rank
+        if cfg.q_lora_rank and (cfg.n_layer in (26, 27) or (cfg.n_layer, cfg.vocab_size) == (48, 128256)):
             problems.append(f"a low-rank query (model.q_lora_rank) with {cfg.n_layer} layers, which llama.cpp's "
                             "deepseek2 reads as DeepSeek-V2-Lite (no low-rank query)")
+        if cfg.qk_nope_head_dim < 1:  # its graph asserts a position-free part
+            problems.append("model.qk_nope_head_dim=0 (llama.cpp's deepseek2 needs at least 1)")
     else:
         arch = None
         problems.append(f"{cfg.attention} attention (no llama.cpp graph computes it)")
@@ -371,8 +374,8 @@ def write_gguf(out: Path, plan: Plan, metadata: dict, dtype: str) -> None:
     """Write the file beside OUT, fsync it and rename it into place; on failure remove it."""
     gguf = gguf_module()
     tmp = temp_name(out)
+    w = gguf.GGUFWriter(tmp, plan.arch)  # opens nothing until write_header_to_file
     try:
-        w = gguf.GGUFWriter(tmp, plan.arch)
         for key, value in {**{f"{plan.arch}.{k}": v for k, v in plan.keys.items()}, **metadata}.items():
             _add_key(gguf, w, key, value)
         w.add_file_type(file_type(gguf, dtype))
@@ -388,6 +391,7 @@ def write_gguf(out: Path, plan: Plan, metadata: dict, dtype: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException as e:
+        w.close()
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # a full or read-only disk
             raise UserError(f"cannot write {out}: {e.strerror or e}; it was left as it was")
