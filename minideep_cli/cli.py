@@ -493,24 +493,33 @@ def bench(
 def export(
     ctx: typer.Context,
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint file, run dir (its best.pt) or a safetensors export folder.")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write (created; must be empty unless --force).")],
-    fmt: Annotated[str, typer.Option("--format", help="hf (transformers folder) | safetensors (minideep, no pickle).")] = "hf",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR.")] = False,
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (created; must be empty unless --force); "
+                                            "for --format gguf, the .gguf file.")],
+    fmt: Annotated[str, typer.Option("--format", help="hf (transformers folder) | safetensors (minideep, no pickle) | "
+                                     "gguf (one file for llama.cpp, Ollama, LM Studio).")] = "hf",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT_DIR (an existing .gguf file).")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="--format gguf: f32 (exact, the default) | f16 | bf16 | q8_0.")] = None,
 ):
-    """Export a checkpoint: a Hugging Face folder, or plain safetensors + JSON config.
+    """Export a checkpoint: a Hugging Face folder, plain safetensors + JSON config, or a GGUF file.
 
     [bold]--format hf[/bold]: a transformers folder with the tokenizer (gpt2 -> GPT2, moe -> Mixtral, Qwen2-MoE, DeepSeek-V2/V3).
-    A configuration with no exactly equal transformers class is refused with the reason.
+    [bold]--format gguf[/bold]: one file with the tokenizer for llama.cpp (gpt2 -> gpt2, moe -> glm4moe, mla -> deepseek2).
+    A configuration with no exactly equal class or llama.cpp architecture is refused with the reason.
     [bold]--format safetensors[/bold]: any model, no pickle; eval, sample and inspect-routing accept the folder.
 
     Example: [bold]minideep export runs/20260101-120000-moe hf/mymoe[/bold], then
     [bold]lm_eval --model hf --model_args pretrained=hf/mymoe --tasks hellaswag[/bold] ·
-    [bold]minideep export runs/mine shared/mine --format safetensors[/bold]
+    [bold]minideep export runs/mine shared/mine --format safetensors[/bold] ·
+    [bold]minideep export runs/mine mine.gguf --format gguf --dtype q8_0[/bold], then [bold]llama-completion -m mine.gguf -p "ROMEO:"[/bold]
     """
     from .checkpoint import resolve_checkpoint
     from .export import export_checkpoint
 
-    res = export_checkpoint(resolve_checkpoint(str(ckpt)), out_dir, fmt, force)
+    res = export_checkpoint(resolve_checkpoint(str(ckpt)), out_dir, fmt, force, dtype)
+    if res.format == "gguf":
+        print(f"wrote {res.out_dir} (llama.cpp {res.target}, {dtype or 'f32'}, {res.params / 1e6:.2f}M parameters, "
+              f"{res.out_dir.stat().st_size / 1e6:.1f} MB)")
+        return
     what = "minideep safetensors export" if res.format == "safetensors" else res.target
     print(f"wrote {res.out_dir} ({what}, {res.params / 1e6:.2f}M parameters): {', '.join(res.files)}")
 

@@ -2,6 +2,7 @@
 fit, and the JSON layout (exact key sets, each listed in docs/bench.md). No timings are asserted."""
 
 import copy
+import importlib.util
 import json
 import platform
 import re
@@ -35,7 +36,8 @@ MOE = {"rows"}
 MOE_ROW = {"name", "tokens", "n_embd", "n_experts", "top_k", "expert_hidden", "dense_hidden", "moe_ms", "dense_ms",
            "loop_ms", "moe_vs_dense", "moe_vs_loop"}
 DECODE = {"dtype", "speed", "cache"}
-DECODE_SPEED = {"attention", "context", "cached_tokens_per_sec", "recompute_tokens_per_sec", "speedup"}
+DECODE_SPEED = {"attention", "context", "cached_tokens_per_sec", "recompute_tokens_per_sec", "speedup",
+                "llama_cpp_tokens_per_sec"}
 DECODE_CACHE = {"attention", "bytes_per_token", "state_bytes", "bytes_per_sequence", "block_size", "vs_gqa"}
 MEMORY = {"estimate", "checks"}
 MEMORY_ESTIMATE = {"dtype", "batch_size", "block_size", "params", "weights_bytes", "grads_bytes", "adamw_bytes",
@@ -257,6 +259,10 @@ def test_json_keys_are_stable_for_every_section():
     g = run_bench(tiny_config("gpt2"), BenchOptions.for_run(True, ("decode",), **FAST))
     check_keys(g, ("decode",))
     assert [row["attention"] for row in g["decode"]["cache"]] == ["mha"]
+    # the same models in llama.cpp where llama-cpp-python is installed (latent attention has no GGUF)
+    llama = importlib.util.find_spec("llama_cpp") is not None
+    for row in r["decode"]["speed"] + g["decode"]["speed"]:
+        assert (row["llama_cpp_tokens_per_sec"] is not None) == (llama and row["attention"] != "latent"), row
 
 
 @pytest.mark.parametrize("preset", ["cpu", "rtx3060"])

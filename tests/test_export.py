@@ -376,4 +376,4 @@ def test_export_help_and_bad_format(tmp_path, tok_json):
     assert_clean_error(invoke("export", ckpt, tmp_path / "o", "--format", "onnx"), "unknown export format")
     assert_clean_error(invoke("export", tmp_path / "missing.pt", tmp_path / "o"), "not found")
     with pytest.raises(UserError):
-        export_checkpoint(ckpt, tmp_path / "o", "gguf")
+        export_checkpoint(ckpt, tmp_path / "o", "ggml")

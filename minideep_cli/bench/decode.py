@@ -1,11 +1,14 @@
 """The decode section: generation tokens/s with and without the cache at several context lengths,
-and each attention variant's cache bytes, read from the models."""
+each attention variant's cache bytes, read from the models, and, where llama-cpp-python is
+installed, the same model exported to GGUF (f32) decoding the same prompt in llama.cpp."""
 
 from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,8 +74,35 @@ def per_token_seconds(model, prompt: list[int], n: int, use_cache: bool, device:
     return statistics.median(times)
 
 
-def bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
+def llama_cpp_runner(model, device: str, dtype, folder: str):
+    """A function (prompt, n, warmup) -> tokens/s of this model in llama.cpp, or None where that
+    is not measured: llama-cpp-python not installed, not on CPU in fp32 (the GGUF is the fp32
+    model), or no llama.cpp architecture computes the model (export/gguf.py)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    from ..export.gguf import gguf_plan, placeholder_tokenizer_keys, write_gguf
+    from ..llamacpp import decode_tokens_per_sec, open_gguf
 
+    if device != "cpu" or dtype != torch.float32:
+        return None
+    try:
+        plan = gguf_plan(model)
+    except UserError:
+        return None
+    path = f"{folder}/{plan.arch}.gguf"
+    write_gguf(Path(path), plan, placeholder_tokenizer_keys(model.cfg.vocab_size), "f32")
+    llm = open_gguf(path, model.cfg.block_size, threads=torch.get_num_threads())
+    return lambda prompt, n, warmup: decode_tokens_per_sec(llm, prompt, n, warmup)
+
+
+def bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        return _bench_decode(cfg, opts, device, dtype, folder)
+
+
+def _bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype, folder: str) -> dict:
     speed = []
     longest = max(opts.decode_contexts)
     for v in attention_variants(cfg):
@@ -81,6 +111,7 @@ def bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
         c.model.dropout = 0.0
         torch.manual_seed(0)
         model = build_model(c.model).to(device=device, dtype=dtype).eval()
+        llama = llama_cpp_runner(model, device, dtype, folder)
         g = torch.Generator().manual_seed(1)
         for ctx_len in opts.decode_contexts:
             prompt = torch.randint(0, c.model.vocab_size, (ctx_len,), generator=g).tolist()
@@ -88,5 +119,6 @@ def bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
                 cached = per_token_seconds(model, prompt, opts.decode_tokens, True, device, opts.warmup)
                 full = per_token_seconds(model, prompt, max(3, opts.decode_tokens // 3), False, device, 1)
             speed.append({"attention": v, "context": ctx_len, "cached_tokens_per_sec": 1 / cached,
-                          "recompute_tokens_per_sec": 1 / full, "speedup": full / cached})
+                          "recompute_tokens_per_sec": 1 / full, "speedup": full / cached,
+                          "llama_cpp_tokens_per_sec": llama(prompt, opts.decode_tokens, opts.warmup) if llama else None})
     return {"dtype": str(dtype).replace("torch.", ""), "speed": speed, "cache": cache_rows(cfg, dtype)}

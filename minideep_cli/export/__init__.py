@@ -1,4 +1,5 @@
-"""Export a checkpoint so it lives outside minideep: a Hugging Face folder or plain safetensors.
+"""Export a checkpoint so it lives outside minideep: a Hugging Face folder, plain safetensors, or
+one GGUF file for llama.cpp, Ollama and LM Studio (`--format gguf`: export/gguf.py).
 
 `--format hf` writes a folder that `transformers` loads with AutoModelForCausalLM and
 AutoTokenizer (config.json, model.safetensors, generation_config.json, tokenizer.json,
@@ -40,8 +41,10 @@ transformers 5 fuses them on load, and tools built around the hub checkpoints ex
 (the resolved minideep config, the weight aliases, step and data meta) and tokenizer.json. It loads
 back into minideep (eval, sample, inspect-routing accept the folder) and involves no pickle at all.
 
-Both formats are written into a temporary folder next to OUT_DIR and renamed into place, so an
-OUT_DIR is never half-written; a non-empty OUT_DIR is replaced only with force.
+Both folder formats are written into a temporary folder next to OUT_DIR and renamed into place, so
+an OUT_DIR is never half-written; a non-empty OUT_DIR is replaced only with force. A GGUF file is
+written the same way: a temporary file beside it, renamed into place; an existing one is replaced
+only with force.
 """
 
 from __future__ import annotations
@@ -51,23 +54,24 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ..checkpoint import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_KIND, TOKENIZER, WEIGHTS, load_checkpoint,
                           model_from_checkpoint, plain_weights, safetensors_module)
 from ..errors import UserError, first_line
 from ..files import stale_temp, temp_dir
 from ..tokenizer import EOT, load_tokenizer
+from .gguf import DTYPES, check_out_file, export_gguf, gguf_module
 from .hf import generation_config, hf_tokenizer_files, hf_weights, json_text
 
-FORMATS = ("hf", "safetensors")
+FORMATS = ("hf", "safetensors", "gguf")
 
 
 @dataclass
 class ExportResult:
     out_dir: Path
     format: str
-    target: str  # the transformers class, or "minideep" for the safetensors format
+    target: str  # the transformers class, the llama.cpp architecture (gguf), or "minideep" (safetensors)
     files: list[str] = field(default_factory=list)
     params: int = 0
 
@@ -76,10 +80,15 @@ class ExportResult:
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "hf",
-                      force: bool = False) -> ExportResult:
-    """Read a checkpoint (weights_only) or a safetensors export folder and write OUT_DIR atomically."""
+                      force: bool = False, dtype: Optional[str] = None) -> ExportResult:
+    """Read a checkpoint (weights_only) or a safetensors export folder and write OUT_DIR (for gguf,
+    one file) atomically."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if dtype is not None and fmt != "gguf":
+        raise UserError(f"--dtype is for --format gguf (--format {fmt} keeps the checkpoint's float32)")
+    if fmt == "gguf":
+        return _export_gguf(ckpt_path, Path(out_dir), force, dtype or "f32")
     out_dir = Path(out_dir)
     if out_dir.is_symlink():  # a link to a folder: the folder it points to is written, the link kept
         out_dir = out_dir.resolve()
@@ -111,6 +120,18 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
         files = {EXPORT_CONFIG: json_text(meta), WEIGHTS: weights, TOKENIZER: ckpt["tokenizer"]}
     write_folder(out_dir, files, force, safetensors_torch.save_file)
     return ExportResult(out_dir, fmt, target, sorted(files), sum(p.numel() for p in model.parameters()))
+
+
+def _export_gguf(ckpt_path, out: Path, force: bool, dtype: str) -> ExportResult:
+    """--format gguf (export/gguf.py): checks, then the mapping (or its refusal), then the file."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype '{dtype}' for --format gguf; choose one of: {', '.join(DTYPES)}")
+    gguf_module()
+    check_out_file(out, force, Path(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
+    model, cfg = model_from_checkpoint(ckpt, "cpu", ckpt_path)
+    plan = export_gguf(ckpt, model, cfg, out, dtype, name=out.stem)
+    return ExportResult(out, "gguf", plan.arch, [out.name], sum(p.numel() for p in model.parameters()))
 
 
 # ---------------------------------------------------------------- atomic folder writing

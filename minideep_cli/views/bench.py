@@ -65,10 +65,13 @@ def render_bench(console, r: dict) -> None:
         console.print(tab)
     if r["decode"]:
         d = r["decode"]
+        llama = any(row["llama_cpp_tokens_per_sec"] for row in d["speed"])  # llama-cpp-python installed
         tab = _table(f"decode (greedy, batch 1, {d['dtype']})", "attention", "context", "cached tok/s",
-                     "recompute tok/s", "cache speedup")
+                     *(["llama.cpp tok/s (GGUF f32)"] if llama else []), "recompute tok/s", "cache speedup")
         for row in d["speed"]:
+            theirs = row["llama_cpp_tokens_per_sec"]
             tab.add_row(row["attention"], str(row["context"]), f"{row['cached_tokens_per_sec']:,.1f}",
+                        *([f"{theirs:,.1f}" if theirs else "-"] if llama else []),
                         f"{row['recompute_tokens_per_sec']:,.1f}", _x(row["speedup"]))
         console.print(tab)
         tab = _table("decoding cache per sequence", "attention", "per token", "fixed state", "per sequence",
