@@ -121,6 +121,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup: float = 0.02  # fraction of the run spent warming up
     weight_decay: float = 0.1
+    # dropout (model.dropout, model.attention_dropout) acts only once the run has read the training
+    # split this many times: text seen once needs no guard against memorising it. 0 = from the start
+    dropout_after_epochs: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
@@ -387,7 +390,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _require("train", t, ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "lr"),
              _positive, "must be positive")
-    _require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens"), _non_negative,
+    _require("train", t, ("weight_decay", "grad_clip", "ckpt_interval", "sample_tokens", "dropout_after_epochs"),
+             _non_negative,
              "cannot be negative or infinite")
     _require("train", t, ("muon_lr", "muon_ns_steps"), _positive, "must be positive")
     _require("train", t, ("warmup", "beta1", "beta2", "muon_momentum"), lambda v: 0 <= v < 1,

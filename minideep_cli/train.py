@@ -33,7 +33,7 @@ from .errors import UserError, first_line
 from .evaluate import autocast_for, bits_per_byte, evaluate_tokens, nll_and_bytes
 from .files import LOCK, lock_folder, remove_stale_temps, stale_temp, write_file
 from .generate import generate
-from .models import build_model
+from .models import build_model, set_dropout
 from .models.rules import has_experts
 from .optim import lr_at, make_optimizer, run_progress, set_lr
 
@@ -357,6 +357,7 @@ class Trainer:
         self.ctx = autocast_for(device, self.dtype)
         self.tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * d.world
         self.moe = has_experts(cfg.model)
+        self.dropout_active = True  # as built (train.dropout_after_epochs turns it off until then)
         self.writer = self._open_writer(resumed=ckpt is not None)
         self.loss_sum, self.loss_count = torch.zeros((), device=device), 0  # the training loss since the last log
         self.last_log = (0.0, 0)  # (clock, tokens) at the last log, set when the loop starts
@@ -456,6 +457,16 @@ class Trainer:
             return value
         return all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device), self.d, op).item()
 
+    def follow_epochs(self) -> None:
+        """train.dropout_after_epochs: dropout off until the run has read the training split that
+        many times (counted from the tokens trained, so a resumed run agrees), then at its rates."""
+        after = self.cfg.train.dropout_after_epochs
+        if after > 0:
+            active = self.state.tokens >= after * self.data.meta["train_tokens"]
+            if active != self.dropout_active:
+                set_dropout(self.model, active)
+                self.dropout_active = active
+
     def train_step(self) -> StepOutput:
         """One optimizer step (docs/design.md, Training): grad_accum micro-batches of (LM loss +
         balancing loss) / grad_accum, gradients synced on the last; clipping; the step; then the
@@ -464,6 +475,7 @@ class Trainer:
         A = t.grad_accum
         multiplier = lr_at(run_progress(self.state.step, self.state.elapsed, cfg), cfg)
         set_lr(self.optimizer, multiplier, cfg)
+        self.follow_epochs()
         loads = None
         aux_sum = torch.zeros((), device=dev)
         for micro in range(A):

@@ -215,3 +215,47 @@ def test_one_shard_reads_exactly_what_the_single_file_sampler_always_read():
     for ref in reference_single_file_batches(data, B, T, 1337, 50):  # several epochs
         x, y = sampler.next_batch()
         assert np.array_equal(x.numpy(), ref[:, :-1]) and np.array_equal(y.numpy(), ref[:, 1:])
+
+
+@pytest.mark.parametrize("arch", ["moe", "gpt2"])
+def test_set_dropout_turns_every_rate_off_and_back_on(arch):
+    from conftest import tiny_model_cfg
+
+    from minideep_cli.models import build_model, set_dropout
+
+    model = build_model(tiny_model_cfg(arch, dropout=0.3, attention_dropout=0.1)).train()
+    x = torch.randint(0, 97, (2, 32))
+
+    def logits(seed):
+        torch.manual_seed(seed)
+        return model(x).logits
+
+    set_dropout(model, False)
+    assert torch.equal(logits(1), logits(2))  # no mask drawn anywhere
+    assert set(model.built_dropout.values()) == {0.3, 0.1} and len(model.built_dropout) >= 2 * 2 + 1
+    set_dropout(model, True)
+    assert not torch.equal(logits(1), logits(2))
+    modules = dict(model.named_modules())
+    assert all(getattr(modules[n], a) == r for (n, a), r in model.built_dropout.items())  # the built rates
+
+
+def test_dropout_starts_once_the_training_split_is_read_and_resume_agrees(small_data, tmp_path, monkeypatch):
+    from conftest import tiny_train_cfg
+
+    from minideep_cli import train as train_mod
+    from minideep_cli.train import train
+
+    calls = []
+    real = train_mod.set_dropout
+    monkeypatch.setattr(train_mod, "set_dropout", lambda model, active: (calls.append(active), real(model, active)))
+    train_tokens = TokenData.open(small_data).meta["train_tokens"]
+    cfg = tiny_train_cfg(small_data, "moe", max_steps=6, dropout_after_epochs=2.5 * 8 * 32 / train_tokens)
+    cfg.model.dropout = 0.2  # 2.5 steps' tokens: off for steps 1 to 3, on from step 4
+
+    def on_event(kind, info):
+        if kind == "step":
+            return info["step"] == 1  # stop after step 1, with dropout still off
+    assert train(cfg, tmp_path / "run", on_event=on_event).stopped == "interrupted"
+    assert calls == [False]
+    train(cfg, tmp_path / "run", resume=True)
+    assert calls == [False, False, True]  # off again on resume (its tokens say so), then on

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-_WHERE = {"build_model": "registry", "MODELS": "registry", "GPT2": "gpt2", "MoETransformer": "transformer",
+_WHERE = {"build_model": "registry", "MODELS": "registry", "set_dropout": "registry", "GPT2": "gpt2", "MoETransformer": "transformer",
           "Output": "output"}
 
 
@@ -16,4 +16,4 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
 
 
-__all__ = ["MODELS", "Output", "build_model", "GPT2", "MoETransformer"]
+__all__ = ["MODELS", "Output", "build_model", "set_dropout", "GPT2", "MoETransformer"]
