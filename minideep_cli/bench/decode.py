@@ -118,7 +118,8 @@ def _bench_decode(cfg: Config, opts: BenchOptions, device: str, dtype, folder: s
             with torch.no_grad():
                 cached = per_token_seconds(model, prompt, opts.decode_tokens, True, device, opts.warmup)
                 full = per_token_seconds(model, prompt, max(3, opts.decode_tokens // 3), False, device, 1)
+            theirs = llama(prompt, opts.decode_tokens, opts.warmup) if llama else None
             speed.append({"attention": v, "context": ctx_len, "cached_tokens_per_sec": 1 / cached,
                           "recompute_tokens_per_sec": 1 / full, "speedup": full / cached,
-                          "llama_cpp_tokens_per_sec": llama(prompt, opts.decode_tokens, opts.warmup) if llama else None})
+                          "llama_cpp_tokens_per_sec": theirs})
     return {"dtype": str(dtype).replace("torch.", ""), "speed": speed, "cache": cache_rows(cfg, dtype)}

@@ -86,7 +86,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     if dtype is not None and fmt != "gguf":
-        raise UserError(f"--dtype is for --format gguf (--format {fmt} keeps the checkpoint's float32)")
+        raise UserError(f"--dtype is for --format gguf (--format {fmt} keeps the checkpoint's weights as they are)")
     if fmt == "gguf":
         return _export_gguf(ckpt_path, Path(out_dir), force, dtype or "f32")
     out_dir = Path(out_dir)

@@ -67,7 +67,7 @@ def render_bench(console, r: dict) -> None:
         d = r["decode"]
         llama = any(row["llama_cpp_tokens_per_sec"] for row in d["speed"])  # llama-cpp-python installed
         tab = _table(f"decode (greedy, batch 1, {d['dtype']})", "attention", "context", "cached tok/s",
-                     *(["llama.cpp tok/s (GGUF f32)"] if llama else []), "recompute tok/s", "cache speedup")
+                     *(["llama.cpp tok/s"] if llama else []), "recompute tok/s", "cache speedup")
         for row in d["speed"]:
             theirs = row["llama_cpp_tokens_per_sec"]
             tab.add_row(row["attention"], str(row["context"]), f"{row['cached_tokens_per_sec']:,.1f}",
