@@ -73,12 +73,12 @@ def test_json_into_a_fifo_is_read_by_its_reader(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)  # never holds up pytest
     reader.start()
     r = invoke(*ESTIMATE, "--json", fifo)
     reader.join(timeout=60)
     assert r.exit_code == 0, r.output
-    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and got, "the FIFO was replaced, its reader got nothing"
     assert json.loads(got[0])["schema_version"] == 1
 
 
@@ -329,7 +329,10 @@ def test_a_second_signal_between_steps_still_saves(tmp_path, small_data, monkeyp
     from minideep_cli.train import train
 
     _interrupt_at(monkeypatch, "log", 4)
-    res = train(tiny_train_cfg(small_data, max_steps=20, grad_accum=1), tmp_path / "run")
+    try:
+        res = train(tiny_train_cfg(small_data, max_steps=20, grad_accum=1), tmp_path / "run")
+    except KeyboardInterrupt:  # (not raised: pytest would stop the whole session)
+        pytest.fail("the second signal stopped the run without saving")
     assert res.stopped == "interrupted" and res.step == 4
     assert load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["step"] == 4
 
@@ -342,7 +345,10 @@ def test_a_second_signal_inside_a_step_says_nothing_was_saved(tmp_path, small_da
 
     _interrupt_at(monkeypatch, "train_step", 4)  # step 4 validated and saved, step 5 half done
     with pytest.raises(UserError, match=r"second signal during step 5, without saving it; .*last\.pt .*intact"):
-        train(tiny_train_cfg(small_data, max_steps=20, grad_accum=1, eval_interval=2), tmp_path / "run")
+        try:
+            train(tiny_train_cfg(small_data, max_steps=20, grad_accum=1, eval_interval=2), tmp_path / "run")
+        except KeyboardInterrupt:
+            pytest.fail("the second signal escaped as KeyboardInterrupt, with no word of what was saved")
     assert load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["step"] == 4
     files.lock_folder(tmp_path / "run").close()  # and the run dir is free again
 
