@@ -93,9 +93,10 @@ def split_files(data) -> dict[str, list[tuple[str, np.ndarray]]]:
 def check_token_ids(data, split: str) -> None:
     """Every token id of the split's files is below the vocabulary (one flipped value would
     otherwise be an IndexError deep in the model, or a device assert on a GPU). A vectorised max
-    over chunks: about 0.1 s per billion tokens of a file in the page cache (the first read from
-    disk costs what reading the file costs). Opening checks the validation split (at most 10M
-    tokens); the training split is checked once, when a training sampler is made."""
+    over chunks: about 0.1 s per billion tokens of a file in the page cache, the first read from
+    disk what reading the file costs (docs/results/2026-12-07-token-id-check.md). Opening checks
+    the validation split (at most 10M tokens); the training split is checked once, when a
+    training sampler is made."""
     vocab = data.meta["vocab_size"]
     if split == "val":
         n = data.tokenizer().get_vocab_size()
