@@ -14,7 +14,6 @@ read here; export/ writes them.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError, first_line
-from .files import atomic_file
+from .files import atomic_file, sha256_file
 from .schema import FINITE, NAT, POSITIVE, MapOf, Where, check, kind, read_json
 
 KIND = "minideep-checkpoint"
@@ -262,14 +261,6 @@ EXPORT_META = {"config": dict, "aliases?": MapOf(str), "loop?": {"step?": NAT, "
                "weights_sha256?": Where(str, lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a SHA-256")}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_export_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / EXPORT_CONFIG).is_file()
 
@@ -288,7 +279,7 @@ def load_export(folder: str | os.PathLike) -> dict:
     for name in (WEIGHTS, TOKENIZER):
         if not (folder / name).is_file():
             raise UserError(f"{folder} is an incomplete export: {name} is missing")
-    if "weights_sha256" in meta and _sha256(folder / WEIGHTS) != meta["weights_sha256"]:
+    if "weights_sha256" in meta and sha256_file(folder / WEIGHTS) != meta["weights_sha256"]:
         raise UserError(f"{folder / WEIGHTS} is damaged: it does not match the checksum in {EXPORT_CONFIG}")
     safetensors_torch = safetensors_module("reading a safetensors export")
     try:

@@ -12,6 +12,7 @@ minideep's own leftovers is ever removed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -215,3 +216,12 @@ def lock_folder(folder: Path, what: str = "minideep") -> BinaryIO:
     except OSError:  # a full disk: the PID is only for the message; the lock holds all the same
         pass
     return f
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """A file's content fingerprint, read in 1 MiB pieces: an edit that keeps its size changes it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

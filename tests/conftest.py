@@ -71,3 +71,27 @@ def unigram_nats(data_dir) -> float:
     counts = np.bincount(np.asarray(d.train), minlength=d.meta["vocab_size"]).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def invoke(*args):
+    """The CLI in this process, every argument as a string."""
+    from typer.testing import CliRunner
+
+    from minideep_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *needles):
+    """One `error: ...` line naming each needle, a non-zero exit and no traceback."""
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def leftovers(parent) -> list:
+    """Hidden names in a folder: what a writer left behind."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]

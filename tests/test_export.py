@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HOSTILE, tiny_model_cfg
-from typer.testing import CliRunner
+from conftest import HOSTILE, assert_clean_error, invoke, leftovers, tiny_model_cfg
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed: `pip install -e '.[test]'` to check exports against it")
 
 from minideep_cli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from minideep_cli.cli import app  # noqa: E402
 from minideep_cli.config import Config  # noqa: E402
 from minideep_cli.errors import UserError  # noqa: E402
 from minideep_cli.export import export_checkpoint  # noqa: E402
@@ -23,25 +21,7 @@ from minideep_cli.generate import generate  # noqa: E402
 from minideep_cli.models import build_model  # noqa: E402
 from minideep_cli.tokenizer import EOT, load_tokenizer, train_tokenizer  # noqa: E402
 
-runner = CliRunner()
 NEW_TOKENS = 20
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, *needles):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")

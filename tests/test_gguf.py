@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HOSTILE, tiny_model_cfg
-from typer.testing import CliRunner
+from conftest import HOSTILE, assert_clean_error, invoke, leftovers, tiny_model_cfg
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed: `pip install -e '.[test]'`")
 
 from minideep_cli.checkpoint import save_checkpoint  # noqa: E402
-from minideep_cli.cli import app  # noqa: E402
 from minideep_cli.config import Config  # noqa: E402
 from minideep_cli.errors import UserError  # noqa: E402
 from minideep_cli.evaluate import evaluate_tokens  # noqa: E402
@@ -26,7 +24,6 @@ from minideep_cli.generate import generate_steps  # noqa: E402
 from minideep_cli.models import build_model  # noqa: E402
 from minideep_cli.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer  # noqa: E402
 
-runner = CliRunner()
 
 BATTERY = [
     HOSTILE,
@@ -45,23 +42,6 @@ BATTERY = [
 ]
 TEXT_64 = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the "
            "sun. Arise, fair sun, and kill the envious moon, who is already sick and pale with grief.")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, *needles):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import UserError
+from ..files import sha256_file
 from ..schema import regular_file
 
 
@@ -148,15 +148,6 @@ def _not_text(f: Path) -> Optional[str]:
     return None
 
 
-def _sha256(p: Path) -> str:
-    """A file's content fingerprint: an edit that keeps its size changes it."""
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _text_document(p: Path, raw: Optional[bytes] = None) -> str:
     """The UTF-8 text of a file, refusing binary files and invalid UTF-8 with one clear line."""
     raw = p.read_bytes() if raw is None else raw
@@ -238,7 +229,7 @@ class Source:
     def describe(self) -> dict:
         if self.dataset:
             return {"dataset": self.dataset, "name": self.name, "split": self.split, "text_column": self.text_column}
-        return {"files": [[str(f.resolve()), f.stat().st_size, _sha256(f)] for f in self.files],
+        return {"files": [[str(f.resolve()), f.stat().st_size, sha256_file(f)] for f in self.files],
                 "text_column": self.text_column}
 
     def label(self) -> str:
