@@ -95,3 +95,20 @@ def assert_clean_error(result, *needles):
 def leftovers(parent) -> list:
     """Hidden names in a folder: what a writer left behind."""
     return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def scale_up_weights(model, std: float, router_bias: bool = False) -> None:
+    """Random weights scaled up so that routing, gates and every term of a tiny model matter:
+    norms near 1, the router wide, matrices at std / sqrt(fan_in); a nonzero selection bias
+    (router_bias), as aux-loss-free balancing leaves it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "router" in name:
+                p.normal_(0, 1.0)
+            else:
+                p.normal_(0, std / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1)
+        for name, b in model.named_buffers():
+            if router_bias and name.endswith("router.bias"):
+                b.normal_(0, 0.3)

@@ -6,27 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import assert_clean_error, invoke
 
-from minideep_cli.cli import app
-
-runner = CliRunner()
 TINY = ["-o", "model.n_layer=1", "-o", "model.n_embd=32", "-o", "model.block_size=32", "-o", "train.batch_size=4",
         "-o", "train.max_minutes=0", "-o", "train.max_steps=6", "-o", "train.eval_interval=3",
         "-o", "train.eval_iters=1", "-o", "train.sample_tokens=8", "-o", "model.n_experts=4"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, *needles):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def digest(folder: Path) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HOSTILE, assert_clean_error, invoke, leftovers, tiny_model_cfg
+from conftest import HOSTILE, assert_clean_error, invoke, leftovers, scale_up_weights, tiny_model_cfg
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed: `pip install -e '.[test]'` to check exports against it")
@@ -36,17 +36,7 @@ def make_ckpt(path: Path, tok_json: str, arch: str, router_bias: bool = False, *
     cfg = Config()
     cfg.model = tiny_model_cfg(arch, vocab_size=load_tokenizer(tok_json).get_vocab_size(), **kw)
     model = build_model(cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".ln_" in name or name.startswith("transformer.ln_f"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "router" in name:
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, 0.3 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1)
-        for name, b in model.named_buffers():
-            if router_bias and name.endswith("router.bias"):
-                b.normal_(0, 0.3)
+    scale_up_weights(model, 0.3, router_bias)
     save_checkpoint({"model": model.state_dict(), "optimizer": None, "config": cfg.to_dict(), "tokenizer": tok_json,
                      "data": {}, "loop": {"step": 7, "tokens": 1000}}, path)
     return model.eval(), path

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HOSTILE, assert_clean_error, invoke, leftovers, tiny_model_cfg
+from conftest import HOSTILE, assert_clean_error, invoke, leftovers, scale_up_weights, tiny_model_cfg
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed: `pip install -e '.[test]'`")
 
@@ -76,17 +76,7 @@ def make_ckpt(path: Path, tok_json: str, arch: str, router_bias: bool = False, *
     cfg = Config()
     cfg.model = tiny_model_cfg(arch, vocab_size=load_tokenizer(tok_json).get_vocab_size(), block_size=128, **kw)
     model = build_model(cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".ln_" in name or name.startswith("transformer.ln_f"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "router" in name:
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, 0.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1)
-        for name, b in model.named_buffers():
-            if router_bias and name.endswith("router.bias"):
-                b.normal_(0, 0.3)
+    scale_up_weights(model, 0.5, router_bias)
     save(path, model, cfg, tok_json)
     return model.eval(), path
 
