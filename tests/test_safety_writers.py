@@ -244,7 +244,7 @@ def test_two_trainings_of_one_run_dir_exactly_one_runs(tmp_path, small_data):
         assert (run / files.LOCK).read_text() == str(first.pid)
         for extra in (["--resume"], ["--force"], []):
             r = invoke("train", "--out", run, *extra, *(["--preset", "cpu", "--data", small_data] if not extra or
-                                                       extra == ["--force"] else []), "-o", "train.max_steps=5")
+                                                       extra == ["--force"] else []), "-o", "train.max_steps=200000")  # a budget ahead of the run
             assert_clean_error(r, str(run), f"PID {first.pid}", "in use")
         assert first.poll() is None  # the first still runs
     finally:
