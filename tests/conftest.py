@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from minideep_cli.config import Config, ModelConfig
+from minideep_cli.config import Config
+from minideep_cli.models import ModelConfig, model_config
 
 HOSTILE = (
     "Héllo, wörld! Ça va? naïve café\n"
@@ -45,7 +46,7 @@ def tiny_model_cfg(arch: str, **kw) -> ModelConfig:
     if arch == "moe":
         base.update(n_kv_head=2, n_experts=4, top_k=2, capacity_factor=1.0, router_noise="none")
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(arch, **base)
 
 
 def tiny_train_cfg(data_dir, arch="moe", **train) -> Config:

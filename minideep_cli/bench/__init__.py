@@ -31,7 +31,7 @@ from .. import __version__
 from ..config import Config
 from ..errors import UserError
 from ..schema import json_text
-from ..models.rules import attention_name
+from ..models import attention_name
 from ..device import keep_cpu_memory, pick_device, pick_dtype
 from .decode import bench_decode, cache_rows
 from .memory import bench_memory, estimate_memory, measure_cuda_peak, parse_bytes, traced_activations
