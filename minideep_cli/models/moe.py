@@ -145,7 +145,7 @@ class MoE(nn.Module):
         keep = rank < capacity if capacity is not None else torch.ones_like(rank, dtype=torch.bool)
 
         # index_select, not x[idx]: its backward is an index_add, where indexing's is an accumulating
-        # index_put, several times slower on CPU (docs/results/2026-12-07-code-figures.md)
+        # index_put, several times slower on CPU (docs/results/2026-11-29-cpu-changes.md)
         token_sorted = order // k  # (N*k,) = token[order]
         h = self.experts(flat.index_select(0, token_sorted), counts)  # (N*k, d), expert-sorted
         keep_tc = torch.empty_like(keep).index_copy_(0, order, keep).view(N, k)
