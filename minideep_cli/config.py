@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import re
 import types
 import typing
@@ -29,7 +28,7 @@ import yaml
 from . import schema
 from .errors import UserError
 from .models import ModelConfig, arch_names, model_config, spec_for, spec_of
-from .models.arch import attention_dropout, check_limit, owners
+from .models.arch import check_limit, owners
 from .models.arch import non_negative as _non_negative
 from .models.arch import positive as _positive
 from .models.arch import require as _require
@@ -113,7 +112,8 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         """A config minideep saved (a checkpoint's, a run's config.yaml, an export's). minideep 0.1
         saved one flat model section with every arch's settings: the ones the saved arch lacks
-        are left out here, since that minideep refused them changed for an arch without them."""
+        are left out here, as that arch never read them (0.1 refused moe settings changed for
+        gpt2; gpt2's bias under moe it accepted and ignored). A key no arch has is still refused."""
         model = d.get("model") if isinstance(d.get("model"), dict) else {}
         cfg = cls(model=model_config(str(model.get("arch", DEFAULT_ARCH))))
         keys = spec_of(cfg.model).keys()
@@ -301,7 +301,7 @@ def resolve_config(
             chosen = v
     if arch:
         chosen = arch
-    cfg = Config(model=model_config(spec_for(chosen).name))  # the chosen arch's settings: others' keys are refused
+    cfg = Config(model=model_config(chosen))  # the chosen arch's settings: another arch's keys are refused
     for where, d in layers:
         apply_yaml(cfg, d, where, chosen)
     for k, v in pairs:

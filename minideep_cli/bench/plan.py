@@ -51,8 +51,8 @@ def bench_plan(preset: Optional[str] = None, config: Optional[Path] = None, arch
     opts = BenchOptions.for_run(quick, chosen, device_memory=parse_bytes(device_memory) if device_memory else None,
                                 measure_memory=not estimate_memory)
     peers = None
-    if "peers" in chosen:  # every arch of the preset (gpt2: GPT2LMHeadModel, moe: MixtralForCausalLM)
-        peers = {a: resolve(overrides_for(a, overrides), a) for a in arch_names()}
+    if "peers" in chosen:  # every arch transformers has a class of (gpt2: GPT2LMHeadModel, moe: MixtralForCausalLM)
+        peers = {a: resolve(overrides_for(a, overrides), a) for a in arch_names() if "hf" in spec_for(a).exports}
     return BenchPlan(cfg, opts, name, variants, peers)
 
 
