@@ -64,6 +64,8 @@ class TinyDense(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd)
         self.grad_checkpointing = False  # the train loop sets it; these layers are small enough without
+        for p in (self.wte.weight, self.wpe.weight):  # small, so the tied head starts near uniform
+            nn.init.normal_(p, 0.0, 0.02)
 
     def forward(self, idx, targets=None, cache: Cache | None = None) -> Output:
         pos = cache.pos if cache is not None else 0
@@ -137,7 +139,7 @@ def test_train_eval_sample_export_and_bench_through_the_cli(tiny_dense, small_da
     r = invoke("eval", run, "--json")
     assert r.exit_code == 0, r.output
     bpb = json.loads(r.stdout)["bpb"]
-    assert 0 < bpb < math.log2(300) + 1  # a finite loss of a 300-token vocabulary's model
+    assert 0 < bpb < math.log2(300)  # at least as good as uniform over the vocabulary (a token is >= 1 byte)
 
     cached = invoke("sample", run, "--prompt", "KING:", "--max-new-tokens", 12, "--temperature", 0)
     uncached = invoke("sample", run, "--prompt", "KING:", "--max-new-tokens", 12, "--temperature", 0, "--no-cache")
