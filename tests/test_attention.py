@@ -12,7 +12,7 @@ from conftest import tiny_model_cfg
 from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.generate import generate
-from minideep_cli.models import build_model
+from minideep_cli.models import attention_name, build_model
 from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, slot_attention_parallel,
                                            slot_attention_step)
 from minideep_cli.models.fast import attend, attention_with_dropout, keep_scale
@@ -273,7 +273,7 @@ def test_config_accepts_the_variants_and_rejects_mistakes():
         assert resolve_config(None, None, [f"model.attention={variant}"], arch="moe").model.attention == variant
     with pytest.raises(UserError, match="model.attention must be"):
         resolve_config(None, None, ["model.attention=flash"], arch="moe")
-    with pytest.raises(UserError, match="gpt2 is always multi-head"):
+    with pytest.raises(UserError, match=r"moe-arch setting \(the gpt2 arch does not have it\)"):  # gpt2: always MHA
         resolve_config(None, None, ["model.attention=mla"], arch="gpt2")
     with pytest.raises(UserError, match="even"):
         resolve_config(None, None, ["model.attention=mla", "model.qk_rope_head_dim=5"], arch="moe")
@@ -300,7 +300,7 @@ def test_preset_mla_ranks_cache_less_than_gqa(preset, gqa, mla):
 def test_seed_preset_uses_latent_attention_with_16_slots():
     cfg = resolve_config("seed", None, [], arch="moe")
     assert cfg.model.attention == "latent" and cfg.model.n_latents == 16
-    assert resolve_config("seed", None, [], arch="gpt2").model.attention == "gqa"
+    assert attention_name(resolve_config("seed", None, [], arch="gpt2").model) == "mha"  # the moe: section only
 
 
 # ---------------------------------------------------------------- slow: no variant beats chance
