@@ -169,8 +169,10 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
     the rest, decaying "decay" ones (matrices, embeddings; "hidden" too under AdamW alone), never
     "plain" ones (norms, biases)."""
     t = cfg.train
-    roles = model.param_roles()
-    named = [(n, p, roles[n]) for n, p in model.named_parameters() if p.requires_grad]
+    # a transformers model (bench's peers section, AdamW only) names no roles: matrices decay
+    roles = model.param_roles() if hasattr(model, "param_roles") else {}
+    named = [(n, p, roles.get(n) or ("decay" if p.dim() >= 2 else "plain"))
+             for n, p in model.named_parameters() if p.requires_grad]
     muon = t.optimizer == "muon"
     return [
         {"kind": "muon", "params": [(n, p) for n, p, r in named if muon and r == "hidden" and p.dim() == 2],
