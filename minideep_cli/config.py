@@ -114,11 +114,15 @@ class Config:
         saved one flat model section with every arch's settings: the ones the saved arch lacks
         are left out here, as that arch never read them (0.1 refused moe settings changed for
         gpt2; gpt2's bias under moe it accepted and ignored). A key no arch has is still refused."""
-        model = d.get("model") if isinstance(d.get("model"), dict) else {}
+        model = d.get("model")
+        if not isinstance(model, dict):  # none (the defaults), or not a mapping (apply_sections says so)
+            cfg = cls()
+            apply_sections(cfg, d, "saved config")
+            return cfg
         cfg = cls(model=model_config(str(model.get("arch", DEFAULT_ARCH))))
         keys = spec_of(cfg.model).keys()
         own = {k: v for k, v in model.items() if k in keys or not owners(str(k))}
-        apply_sections(cfg, {**d, "model": own} if "model" in d else d, "saved config")
+        apply_sections(cfg, {**d, "model": own}, "saved config")
         return cfg
 
 

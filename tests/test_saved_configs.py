@@ -49,6 +49,8 @@ def test_a_flat_model_section_reads_into_its_archs_settings():
         Config.from_dict({"model": {"arch": "moe", "nope": 1}})
     with pytest.raises(UserError, match="unknown arch 'rnn'"):
         Config.from_dict({"model": {"arch": "rnn"}})
+    with pytest.raises(UserError, match="section 'model' in saved config must be a mapping"):
+        Config.from_dict({"model": [1, 2]})
 
 
 def rewrite_as_0_1_0(run) -> None:
