@@ -41,7 +41,7 @@ class TrainView:
                     f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}"
                     + (f" (resumed at step {info['step']:,})" if info.get("step") else "")
                     + (f"  {info['world']} ranks ({info['distributed']})" if info.get("world", 1) > 1 else ""))
-            if info.get("device") == "cpu" and "threads" in info:
+            if info.get("device") == "cpu" and "threads" in info and info.get("world", 1) == 1:
                 c.print(threads_line(info["threads"]))
             self.bar.start()
             self.task = self.bar.add_task("train", total=1000, info="")
