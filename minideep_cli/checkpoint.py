@@ -213,9 +213,10 @@ def check_weights(m, weights: dict, where: str) -> None:
     nothing), so a config claiming a huge model cannot exhaust memory."""
     import torch
 
-    from .models import build_model
+    from .models import build_model, spec_of
 
-    layers = {int(x.group(1)) for k in weights if (x := re.match(r"(?:transformer\.h|blocks)\.(\d+)\.", k))}
+    layer = re.compile(rf"{re.escape(spec_of(m).layer_prefix)}\.(\d+)\.")  # the arch's name for layer i's weights
+    layers = {int(x.group(1)) for k in weights if (x := layer.match(k))}
     if len(layers) != m.n_layer:
         raise UserError(f"{where}'s weights hold {len(layers)} layers, model.n_layer is {m.n_layer}")
     with torch.device("meta"), warnings.catch_warnings():

@@ -312,7 +312,7 @@ def _sample_routing(model, cfg, pieces, prompt, prompt_ids, max_new_tokens, num_
 
     from .generate import generate_steps
     from .inference import moe_layers
-    from .models.rules import has_experts
+    from .models import has_experts
     from .routing_report import summarize_step, vocab_texts
     from .views.live import LivePanel, plain_line
 

@@ -1,10 +1,14 @@
-"""Every configuration dataclass, YAML presets and dotted overrides.
+"""Every configuration dataclass but the model's, YAML presets and dotted overrides.
 
 Torch-free on purpose: `minideep --help` and config errors must not pay for importing torch.
+The model section is the chosen arch's own dataclass (a ModelConfig subclass beside its model,
+registered in models/arch.py); this module keeps precedence and coercion, and asks the arch's
+spec which model settings exist and what rules they follow.
 
 Precedence (docs/design.md, Definitions): defaults < preset YAML < --config FILE < -o section.key=value.
 A YAML file holds the sections `model`, `data`, `train`, `sample`, and may hold per-arch
-sections `gpt2:` / `moe:` (each with the same four sections) that apply only to that arch.
+sections named after an arch (`gpt2:`, `moe:`; each with the same four sections) that apply
+only to that arch.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import os
 import re
 import types
@@ -25,71 +28,19 @@ import yaml
 
 from . import schema
 from .errors import UserError
-from .models.rules import check_attention
+from .models import ModelConfig, arch_names, model_config, spec_for, spec_of
+from .models.arch import check_limit, owners
+from .models.arch import non_negative as _non_negative
+from .models.arch import positive as _positive
+from .models.arch import require as _require
 from .schema import check_text
 
-ARCHES = ("gpt2", "moe")
-GPT2_KEYS = ("arch", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attention_dropout",
-             "bias")  # the model settings gpt2 reads; every other model.* key is a moe-arch setting
+DEFAULT_ARCH = "moe"
 SECTIONS = ("model", "data", "train", "sample")
-ACTIVATIONS = ("swiglu", "relu2")  # model.activation (moe arch)
 OPTIMIZERS = ("adamw", "muon")  # train.optimizer
 SCHEDULES = ("cosine", "wsd")  # train.schedule
 DATA_ORDERS = ("shuffled", "sequential")  # data.order
 DTYPES = ("auto", "float32", "bfloat16")  # train.dtype
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "moe"  # gpt2 | moe
-    vocab_size: int = 2048  # taken from the tokenizer at train time
-    block_size: int = 256  # context length
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0  # on the embeddings and residual branches (and attention weights, see below)
-    attention_dropout: Optional[float] = None  # on the attention weights; null = dropout
-    # gpt2
-    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
-    # moe transformer
-    n_kv_head: int = 0  # 0 = n_head (plain multi-head attention)
-    attention: str = "gqa"  # gqa | mla | latent (docs/design.md, The models); moe arch only, gpt2 is always MHA
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    ffn_hidden: int = 0  # hidden width of dense SwiGLU layers; 0 = 8/3 * n_embd rounded to 16
-    # mla (attention: mla): caches kv_lora_rank + qk_rope_head_dim numbers per token per layer
-    q_lora_rank: int = 0  # low-rank query (down, RMSNorm, up) of this rank; 0 = one plain projection
-    kv_lora_rank: int = 64  # the per-token KV latent that is cached; K and V are up-projected from it
-    qk_nope_head_dim: int = 32  # per-head query/key width without position (from the latent)
-    qk_rope_head_dim: int = 16  # RoPE query/key width; the key part is one per token, shared by heads
-    v_head_dim: int = 32  # per-head value width
-    # latent (attention: latent): a fixed-size state, n_head * n_latents * (2 * head_dim + 2) fp32
-    n_latents: int = 16  # slots per head, each a causal softmax summary of the keys and values so far
-    # moe: which layers are sparse
-    n_experts: int = 8
-    top_k: int = 2
-    expert_hidden: int = 0  # hidden width of one expert; 0 = ffn_hidden // top_k
-    n_shared_experts: int = 0  # always-on experts of expert_hidden each
-    first_k_dense: int = 0  # the first k blocks use a dense SwiGLU
-    moe_every: int = 1  # after those, every n-th block is sparse (1 = all)
-    # moe: router
-    router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3 scores, selection-only bias)
-    norm_topk: bool = False  # renormalise the k gates to sum to 1 (Mixtral); k >= 2 only
-    router_noise: str = "none"  # none | jitter (Gaussian on logits) | noisy_topk (Shazeer 2017)
-    router_noise_std: float = 1.0  # std of the jitter on the router logits
-    # moe: capacity
-    capacity_factor: Optional[float] = 1.25  # null = dropless
-    eval_capacity_factor: Optional[float] = None  # eval and generation; null = dropless
-    drop_policy: str = "position"  # position (causal-safe) | gate (leaks the future; docs/design.md, The MoE layer)
-    # moe: balancing
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss
-    z_loss_coef: float = 0.001  # router z-loss
-    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
-    # moe transformer: block options of the 2026 recipe (docs/design.md, "The recipe")
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE; gqa only (mla and latent keep their own norms)
-    activation: str = "swiglu"  # swiglu | relu2 (relu(x)^2, no gate), for experts and dense feed-forwards
-    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off
-    zero_init_out: bool = False  # output projections (attention wo, feed-forward w2) start at zero
 
 
 @dataclass
@@ -153,7 +104,7 @@ class SampleConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: model_config(DEFAULT_ARCH))  # the arch's settings
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -163,8 +114,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        cfg = cls()
-        apply_sections(cfg, d, "saved config")
+        """A config minideep saved (a checkpoint's, a run's config.yaml, an export's). minideep 0.1
+        saved one flat model section with every arch's settings: the ones the saved arch lacks
+        are left out here, as that arch never read them (0.1 refused moe settings changed for
+        gpt2; gpt2's bias under moe it accepted and ignored). A key no arch has is still refused."""
+        model = d.get("model")
+        if not isinstance(model, dict):  # none (the defaults), or not a mapping (apply_sections says so)
+            cfg = cls()
+            apply_sections(cfg, d, "saved config")
+            return cfg
+        cfg = cls(model=model_config(str(model.get("arch", DEFAULT_ARCH))))
+        keys = spec_of(cfg.model).keys()
+        own = {k: v for k, v in model.items() if k in keys or not owners(str(k))}
+        apply_sections(cfg, {**d, "model": own}, "saved config")
         return cfg
 
 
@@ -277,17 +239,26 @@ def set_value(cfg: Config, dotted: str, value: Any, where: str) -> None:
     obj = getattr(cfg, section)
     types_ = _field_types(obj)
     if key not in types_:
+        if section == "model" and owners(key):
+            raise other_arch_key(key, cfg.model.arch)
         raise _unknown(dotted, all_keys, where)
     setattr(obj, key, coerce(value, types_[key], dotted))
+
+
+def other_arch_key(key: str, arch: str) -> UserError:
+    """model.<key> given for an arch that does not have it: one line naming where it belongs."""
+    there = owners(key)
+    return UserError(f"model.{key} is a {'/'.join(there)}-arch setting (the {arch} arch does not have it); "
+                     f"set it under the {there[0]}: section or use --arch {there[0]}")
 
 
 def apply_sections(cfg: Config, d: dict, where: str, arch_sections: bool = False) -> None:
     """Apply {section: {key: value}} onto cfg; with arch_sections, also accept gpt2:/moe:."""
     for section, values in d.items():
-        if arch_sections and section in ARCHES:
+        if arch_sections and section in arch_names():
             continue
         if section not in SECTIONS:
-            valid = list(SECTIONS) + (list(ARCHES) if arch_sections else [])
+            valid = list(SECTIONS) + (list(arch_names()) if arch_sections else [])
             raise _unknown(str(section), valid, where)
         if values is None:
             continue
@@ -328,7 +299,7 @@ def resolve_config(
     pairs = [parse_override(o) for o in overrides]
 
     # The arch decides which per-arch sections apply, so find it first (same precedence).
-    chosen = ModelConfig().arch
+    chosen = DEFAULT_ARCH
     for _, d in layers:
         m = d.get("model") or {}
         if isinstance(m, dict) and "arch" in m:
@@ -338,53 +309,14 @@ def resolve_config(
             chosen = v
     if arch:
         chosen = arch
-    if chosen not in ARCHES:
-        raise UserError(f"unknown arch '{chosen}'; choose one of: {', '.join(ARCHES)}")
-
-    cfg = Config()
+    cfg = Config(model=model_config(chosen))  # the chosen arch's settings: another arch's keys are refused
     for where, d in layers:
         apply_yaml(cfg, d, where, chosen)
     for k, v in pairs:
         set_value(cfg, k, v, "overrides")
     cfg.model.arch = chosen
     validate(cfg)
-    if chosen == "gpt2":
-        check_gpt2_keys(cfg.model)
     return cfg
-
-
-def moe_only_keys() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in GPT2_KEYS)
-
-
-def check_gpt2_keys(m: ModelConfig) -> None:
-    """A moe-arch setting changed for a gpt2 run would be silently ignored: refuse it, by name."""
-    default = ModelConfig()
-    for key in moe_only_keys():
-        if getattr(m, key) != getattr(default, key):
-            raise UserError(f"model.{key}={getattr(m, key)} is a moe-arch setting (gpt2 does not use it); "
-                            "set it under the moe: section or use --arch moe")
-
-
-def attention_dropout(m: ModelConfig) -> float:
-    """Dropout on the attention weights: model.attention_dropout, or model.dropout when unset."""
-    return m.dropout if m.attention_dropout is None else m.attention_dropout
-
-
-def _require(section, obj, names: tuple[str, ...], ok, what: str) -> None:
-    """Each of obj's `names` passes ok, or a UserError naming it: section.name, or section(name)."""
-    for name in names:
-        if not ok(getattr(obj, name)):
-            label = section(name) if callable(section) else f"{section}.{name}"
-            raise UserError(f"{label} {what}, got {getattr(obj, name)}")
-
-
-def _positive(v) -> bool:
-    return 0 < v < math.inf
-
-
-def _non_negative(v) -> bool:
-    return 0 <= v < math.inf
 
 
 def validate(cfg: Config) -> None:
@@ -435,18 +367,10 @@ MAX_NEW_TOKENS = 1_000_000  # sample.max_new_tokens, train.sample_tokens: ~4 MB 
 MAX_SAMPLES = 10_000  # sample.num_samples
 MAX_EVAL_ITERS = 10_000  # train.eval_iters: batches per periodic validation (nanoGPT uses 200)
 MAX_VOCAB = 1 << 22  # data.vocab_size, model.vocab_size, tokenize --vocab-size (GPT-4o's is ~200k)
-MODEL_LIMITS = {  # model.*: far beyond any model a single machine trains, small enough to build on meta
-    "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "n_embd": 1 << 16, "block_size": 1 << 20,
-    "vocab_size": MAX_VOCAB, "ffn_hidden": 1 << 20, "expert_hidden": 1 << 20, "n_experts": 4096,
-    "n_shared_experts": 4096, "first_k_dense": 1024, "moe_every": 1024, "q_lora_rank": 1 << 16,
-    "kv_lora_rank": 1 << 16, "qk_nope_head_dim": 1 << 16, "qk_rope_head_dim": 1 << 16, "v_head_dim": 1 << 16,
-    "n_latents": 1 << 16,
+MODEL_LIMITS = {  # the model settings every arch has (each arch limits its own: moe_arch.LIMITS): far
+    # beyond any model a single machine trains, small enough to build on the meta device
+    "n_layer": 1024, "n_head": 1024, "n_embd": 1 << 16, "block_size": 1 << 20, "vocab_size": MAX_VOCAB,
 }
-
-
-def check_limit(value: int, limit: int, label: str) -> None:
-    if value > limit:
-        raise UserError(f"{label} is {value:,}, more than the {limit:,} minideep allows")
 
 
 FLOAT_MAX = 3.4e38  # about float32's largest: a setting beyond it overflows in the tensors it scales
@@ -479,51 +403,19 @@ def validate_sample(s: SampleConfig, label=lambda name: f"sample.{name}") -> Non
 
 
 def validate_model(m: ModelConfig) -> None:
-    """The model section alone: what building a model needs (also checked when a checkpoint loads)."""
-    if m.arch not in ARCHES:
-        raise UserError(f"unknown arch '{m.arch}'; choose one of: {', '.join(ARCHES)}")
+    """The model section alone: what building a model needs (also checked when a checkpoint loads).
+    The settings every arch has, then the arch's own rules (its spec's validate)."""
+    spec = spec_for(m.arch)
     for key in ("dropout", "attention_dropout"):
         p = getattr(m, key)
         if p is not None and not 0 <= p < 1:
             raise UserError(f"model.{key} must be at least 0 and below 1, got {p}")
-    _require("model", m, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "moe_every", "rope_theta"),
-             _positive, "must be positive")
+    _require("model", m, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"), _positive, "must be positive")
     for name, limit in MODEL_LIMITS.items():
         check_limit(getattr(m, name), limit, f"model.{name}")
-    _require("model", m, ("n_kv_head", "ffn_hidden", "expert_hidden", "n_shared_experts", "first_k_dense",
-                          "router_noise_std", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
-             _non_negative, "cannot be negative or infinite")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    kv = m.n_kv_head or m.n_head
-    if m.n_head % kv:
-        raise UserError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
-    check_attention(m)  # what the arch needs of model.attention and the head width
-    if m.attention == "mla":
-        if m.kv_lora_rank <= 0 or m.v_head_dim <= 0 or m.qk_rope_head_dim <= 0:
-            raise UserError("model.kv_lora_rank, model.v_head_dim and model.qk_rope_head_dim must be "
-                            "positive for mla")
-        if m.qk_rope_head_dim % 2:
-            raise UserError(f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for RoPE")
-        if m.q_lora_rank < 0 or m.qk_nope_head_dim < 0:
-            raise UserError("model.q_lora_rank and model.qk_nope_head_dim cannot be negative")
-    if m.attention == "latent" and m.n_latents <= 0:
-        raise UserError("model.n_latents must be positive for latent attention")
-    if m.activation not in ACTIVATIONS:
-        raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{m.activation}'")
-    _require("model", m, ("logit_softcap",), _non_negative, "cannot be negative or infinite")
-    if m.router not in ("softmax", "sigmoid"):
-        raise UserError(f"model.router must be softmax or sigmoid, got '{m.router}'")
-    if m.router_noise not in ("none", "jitter", "noisy_topk"):
-        raise UserError(f"model.router_noise must be none, jitter or noisy_topk, got '{m.router_noise}'")
-    if m.drop_policy not in ("position", "gate"):
-        raise UserError(f"model.drop_policy must be position or gate, got '{m.drop_policy}'")
-    if not 1 <= m.top_k <= m.n_experts:
-        raise UserError(f"model.top_k ({m.top_k}) must be between 1 and model.n_experts ({m.n_experts})")
-    for name in ("capacity_factor", "eval_capacity_factor"):
-        v = getattr(m, name)
-        if v is not None and v <= 0:
-            raise UserError(f"model.{name} must be positive or null (dropless)")
+    spec.validate(m)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -62,7 +62,7 @@ def cpu_native_bf16(flags: set[str] | None = None) -> bool:
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """auto: bf16 autocast on CUDA, fp32 on CPU. Even with native bf16 the cpu preset's moe model
-    trained worse in bf16 (2.161 against 2.144 bits per byte in the same 9.5 minutes)."""
+    trained worse in bf16 in the same budget (docs/results/2026-11-29-tiny-shakespeare.md)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
@@ -78,8 +78,8 @@ def keep_cpu_memory() -> bool:
     same large tensors and frees them again: the logits and their gradients alone are batch x
     context x vocabulary floats, 32 MiB each on the cpu preset. glibc's malloc serves blocks
     that large with a fresh mmap and returns freed memory at the top of its heap to the kernel,
-    so every step page-faults all of it back in, zeroed: about 50,000 faults a step on the cpu
-    preset, whose step took 1.03x to 1.17x as long (docs/results/2026-12-06-epochs.md). This
+    so every step page-faults all of it back in, zeroed, and the cpu preset's step took longer
+    for it (docs/results/2026-12-06-epochs.md). This
     setting, for the whole process, keeps such blocks in malloc's heap (no mmap; trim only past
     1 GiB free), so later steps reuse them; the peak memory stays the same. Linux with glibc
     only; returns whether it was applied."""

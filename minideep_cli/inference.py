@@ -14,12 +14,13 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .config import Config, ModelConfig
+from .config import Config
+from .models.moe_arch import MoEConfig
 from .data import TokenData, open_or_none, read_text_file
 from .device import pick_device, pick_dtype
 from .errors import UserError
 from .evaluate import evaluate_tokens
-from .models.rules import has_experts
+from .models import has_experts
 from .models.transformer import is_moe_layer
 from .schema import check_text
 from .routing_report import ReportInputs, RoutingReport, analyze, collect_routing, model_info
@@ -51,7 +52,7 @@ def load_for_inference(ckpt: Optional[Path], device: str = "auto") -> Loaded:
     return Loaded(model, cfg, load_tokenizer(state["tokenizer"]), path, dev, state["loop"]["step"], state["tokenizer"])
 
 
-def moe_layers(m: ModelConfig) -> list[int]:
+def moe_layers(m: MoEConfig) -> list[int]:
     """The blocks whose feed-forward is an MoE layer (docs/design.md, The models); none when dense."""
     return [i for i in range(m.n_layer) if has_experts(m) and is_moe_layer(m, i)]
 

@@ -4,10 +4,11 @@ train.optimizer = adamw: torch's AdamW on every parameter (weight decay on matri
 embeddings, none on norms and biases).
 
 train.optimizer = muon: Muon (momentum, then the update orthogonalised by a Newton-Schulz
-iteration) on the hidden matrices: every Linear weight inside the blocks, and the experts' stacked
-(E, d, h) weights, orthogonalised one expert at a time in one batched iteration. AdamW on the rest:
-embeddings, the output head, norms, biases, the router, latent attention's slots. One optimizer
-object (MuonAdamW) holds both, so checkpoints, resume and the distributed code see one state dict.
+iteration) on the hidden matrices the model names (its param_roles(): for both archs every Linear
+weight inside the blocks, and the experts' stacked (E, d, h) weights, which are orthogonalised one
+expert at a time in one batched iteration). AdamW on the rest: embeddings, the output head, norms,
+biases, the router, latent attention's slots. One optimizer object (MuonAdamW) holds both, so
+checkpoints, resume and the distributed code see one state dict.
 
 Muon's step size follows torch's adjust_lr_fn="match_rms_adamw": the orthogonalised update is
 scaled by 0.2 * sqrt(max(rows, cols)), which gives it about the RMS of an AdamW update, so
@@ -20,8 +21,6 @@ import math
 
 import torch
 import torch.nn as nn
-
-from .models.moe import Experts
 
 ADJUST_LR = "match_rms_adamw"
 
@@ -163,32 +162,26 @@ class MuonAdamW(torch.optim.Optimizer):
             part.step()
 
 
-def _hidden_matrices(model: nn.Module) -> set[int]:
-    """ids of the parameters Muon updates: Linear weights inside the blocks (not the router, which
-    is no Linear, nor the output head) and the experts' stacked weights."""
-    ids = set()
-    for module in model.blocks.modules():
-        if isinstance(module, nn.Linear):
-            ids.add(id(module.weight))
-        elif isinstance(module, Experts):
-            ids.update(id(w) for w in module.weights())
-    return ids
-
-
 def param_groups(model: nn.Module, cfg) -> list[dict]:
-    """The optimizer's groups of (name, parameter), each with its kind and weight decay. AdamW
-    decays matrices and embeddings (ndim >= 2), never norms and biases."""
+    """The optimizer's groups of (name, parameter), each with its kind and weight decay, from the
+    roles the model gives its parameters (model.param_roles(), docs/design.md, Model interface):
+    under Muon its "hidden" matrices go to Muon (2-D) or ExpertMuon (stacked 3-D); AdamW takes
+    the rest, decaying "decay" ones (matrices, embeddings; "hidden" too under AdamW alone), never
+    "plain" ones (norms, biases)."""
     t = cfg.train
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = _hidden_matrices(model) if t.optimizer == "muon" else set()
-    muon2 = [(n, p) for n, p in named if id(p) in hidden and p.dim() == 2]
-    muon3 = [(n, p) for n, p in named if id(p) in hidden and p.dim() == 3]
-    rest = [(n, p) for n, p in named if id(p) not in hidden]
+    # a transformers model (bench's peers section, AdamW only) names no roles: matrices decay
+    roles = model.param_roles() if hasattr(model, "param_roles") else {}
+    named = [(n, p, roles.get(n) or ("decay" if p.dim() >= 2 else "plain"))
+             for n, p in model.named_parameters() if p.requires_grad]
+    muon = t.optimizer == "muon"
     return [
-        {"kind": "muon", "params": muon2, "weight_decay": t.weight_decay},
-        {"kind": "muon_experts", "params": muon3, "weight_decay": t.weight_decay},
-        {"kind": "adamw", "params": [(n, p) for n, p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"kind": "adamw", "params": [(n, p) for n, p in rest if p.dim() < 2], "weight_decay": 0.0},
+        {"kind": "muon", "params": [(n, p) for n, p, r in named if muon and r == "hidden" and p.dim() == 2],
+         "weight_decay": t.weight_decay},
+        {"kind": "muon_experts", "params": [(n, p) for n, p, r in named if muon and r == "hidden" and p.dim() == 3],
+         "weight_decay": t.weight_decay},
+        {"kind": "adamw", "params": [(n, p) for n, p, r in named if r == "decay" or (r == "hidden" and not muon)],
+         "weight_decay": t.weight_decay},
+        {"kind": "adamw", "params": [(n, p) for n, p, r in named if r == "plain"], "weight_decay": 0.0},
     ]
 
 

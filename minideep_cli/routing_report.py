@@ -527,18 +527,18 @@ def read_history(run_dir: str | Path) -> History:
     tb = run / "tb"
     if not tb.is_dir():
         raise UserError(f"--history: no TensorBoard log (tb/) in {run}")
-    try:
-        cfg = read_yaml(run / "config.yaml", "config.yaml")
-    except UserError as e:
-        raise UserError(f"--history: {run} has no readable config.yaml (needed for the number of experts): {e}")
-    n_experts = check(cfg, {"model": {"n_experts": POSITIVE}}, f"--history: {run / 'config.yaml'}")["model"]["n_experts"]
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars, hists = set(acc.Tags().get("scalars", [])), set(acc.Tags().get("histograms", []))
     layer_ids = sorted(int(t.split("/")[1][len("layer"):]) for t in scalars
                        if t.startswith("moe/layer") and t.endswith("/imbalance"))
-    if not layer_ids:
+    if not layer_ids:  # before the config: a dense arch's has no n_experts
         raise UserError(f"--history: {tb} holds no routing scalars (a dense run, or no step logged yet)")
+    try:
+        cfg = read_yaml(run / "config.yaml", "config.yaml")
+    except UserError as e:
+        raise UserError(f"--history: {run} has no readable config.yaml (needed for the number of experts): {e}")
+    n_experts = check(cfg, {"model": {"n_experts": POSITIVE}}, f"--history: {run / 'config.yaml'}")["model"]["n_experts"]
     norm = math.log(n_experts) if n_experts > 1 else 1.0
 
     def series(tag: str) -> dict[int, float]:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from minideep_cli.config import Config, ModelConfig
+from minideep_cli.config import Config
+from minideep_cli.models import ModelConfig, model_config, spec_for
 
 HOSTILE = (
     "Héllo, wörld! Ça va? naïve café\n"
@@ -41,11 +42,14 @@ def small_data(tmp_path_factory, corpus_text):
 
 
 def tiny_model_cfg(arch: str, **kw) -> ModelConfig:
-    base = dict(arch=arch, vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    """A small model section of the arch; settings in kw that it does not have (a test over every
+    arch passing moe's capacity_factor) are left out."""
+    base = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
     if arch == "moe":
         base.update(n_kv_head=2, n_experts=4, top_k=2, capacity_factor=1.0, router_noise="none")
     base.update(kw)
-    return ModelConfig(**base)
+    keys = spec_for(arch).keys()
+    return model_config(arch, **{k: v for k, v in base.items() if k in keys})
 
 
 def tiny_train_cfg(data_dir, arch="moe", **train) -> Config:

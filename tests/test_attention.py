@@ -12,10 +12,11 @@ from conftest import tiny_model_cfg
 from minideep_cli.config import Config, resolve_config
 from minideep_cli.errors import UserError
 from minideep_cli.generate import generate
-from minideep_cli.models import build_model
-from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, causal_attention,
-                                           slot_attention_parallel, slot_attention_step)
-from minideep_cli.models.fast import attention_with_dropout, keep_scale
+from minideep_cli.models import attention_name, build_model
+from minideep_cli.models.attention import (LatentAttention, MLAttention, SlotCache, slot_attention_parallel,
+                                           slot_attention_step)
+from minideep_cli.models.fast import attend, attention_with_dropout, keep_scale
+from minideep_cli.models.layers import causal_attention
 from minideep_cli.models.layers import apply_rope, rope_tables
 
 VARIANTS = ["gqa", "mla", "latent"]
@@ -272,7 +273,7 @@ def test_config_accepts_the_variants_and_rejects_mistakes():
         assert resolve_config(None, None, [f"model.attention={variant}"], arch="moe").model.attention == variant
     with pytest.raises(UserError, match="model.attention must be"):
         resolve_config(None, None, ["model.attention=flash"], arch="moe")
-    with pytest.raises(UserError, match="gpt2 is always multi-head"):
+    with pytest.raises(UserError, match=r"moe-arch setting \(the gpt2 arch does not have it\)"):  # gpt2: always MHA
         resolve_config(None, None, ["model.attention=mla"], arch="gpt2")
     with pytest.raises(UserError, match="even"):
         resolve_config(None, None, ["model.attention=mla", "model.qk_rope_head_dim=5"], arch="moe")
@@ -299,7 +300,7 @@ def test_preset_mla_ranks_cache_less_than_gqa(preset, gqa, mla):
 def test_seed_preset_uses_latent_attention_with_16_slots():
     cfg = resolve_config("seed", None, [], arch="moe")
     assert cfg.model.attention == "latent" and cfg.model.n_latents == 16
-    assert resolve_config("seed", None, [], arch="gpt2").model.attention == "gqa"
+    assert attention_name(resolve_config("seed", None, [], arch="gpt2").model) == "mha"  # the moe: section only
 
 
 # ---------------------------------------------------------------- slow: no variant beats chance
@@ -340,15 +341,15 @@ def test_low_precision_attention_on_cpu_runs_in_fp32(q_len):
     k, v = torch.randn(2, 2, 4, 16, 8).bfloat16().unbind(0)
     for dropout, scale in [(0.0, None), (0.0, 0.3), (0.5, 0.3)]:  # both reach the fp32 call
         torch.manual_seed(1)
-        want = causal_attention(q.float(), k.float(), v.float(), dropout, scale).bfloat16()
+        want = attend(q.float(), k.float(), v.float(), dropout, scale).bfloat16()
         torch.manual_seed(1)
-        got = causal_attention(q, k, v, dropout, scale)
+        got = attend(q, k, v, dropout, scale)
         assert got.dtype == torch.bfloat16 and torch.equal(got, want)
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(causal_attention(q, k, v, dropout, scale), want)
-    # attending the way a GPU does (the memory estimate's trace): bf16 stays bf16
-    got = causal_attention(q, k, v, 0.0, 0.3, kernels="cuda")
+            assert torch.equal(attend(q, k, v, dropout, scale), want)
+    # the reference, which is how a GPU attends (the memory estimate's trace): bf16 stays bf16
+    got = causal_attention(q, k, v, 0.0, 0.3)
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=0.3))
 
 
@@ -378,7 +379,7 @@ def test_keep_scale_drops_p_in_every_lane_and_keeps_the_mean():
 @pytest.mark.parametrize("hkv", [4, 2])  # one key/value head per query head, and grouped (2 per group)
 @pytest.mark.parametrize("tq", [16, 5])  # training, and a prefix of queries over a longer cache
 def test_attention_dropout_drops_weights_after_the_softmax(tq, hkv):
-    """causal_attention with dropout on CPU (attention_with_dropout) against attention written per
+    """fast.attend with dropout on CPU (attention_with_dropout) against attention written per
     query with the same mask: softmax over the keys the query may see, then drop and rescale.
     Query head h reads key/value head h // (H / Hkv)."""
     torch.manual_seed(0)
@@ -386,7 +387,7 @@ def test_attention_dropout_drops_weights_after_the_softmax(tq, hkv):
     q = torch.randn(B, H, tq, D, requires_grad=True)
     k, v = (t.requires_grad_() for t in torch.randn(2, B, hkv, Tk, D).unbind(0))
     torch.manual_seed(1)
-    got = causal_attention(q, k, v, 0.3, 0.4)
+    got = attend(q, k, v, 0.3, 0.4)
     torch.manual_seed(1)
     mask = keep_scale((B, H, tq, Tk), 0.3)
     kh, vh = k.repeat_interleave(H // hkv, 1), v.repeat_interleave(H // hkv, 1)  # (B, H, Tk, D)
@@ -409,8 +410,8 @@ def test_attention_dropout_drops_weights_after_the_softmax(tq, hkv):
 
 @pytest.mark.parametrize("tq", [16, 5, 1])  # training, a prefix over a cache, one decoded token
 def test_grouped_heads_attend_without_copies_as_with_them(tq):
-    """On CPU causal_attention takes grouped keys and values as they are (Hkv < H); the result and
-    the gradients equal attention over keys and values copied per query head."""
+    """On CPU fast.attend takes grouped keys and values as they are (Hkv < H); the result and the
+    gradients equal attention over keys and values copied per query head."""
     torch.manual_seed(0)
     B, H, hkv, Tk, D = 2, 6, 2, 16, 8
     q = torch.randn(B, H, tq, D, requires_grad=True)
@@ -418,8 +419,8 @@ def test_grouped_heads_attend_without_copies_as_with_them(tq):
     want = causal_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (q, k, v), g)
-    for kernels in (None, "cuda"):  # in place (CPU), and copied per query head (a GPU's way)
-        got = causal_attention(q, k, v, kernels=kernels)
+    for kernel in (attend, causal_attention):  # in place (CPU), and copied per query head (the reference, a GPU's way)
+        got = kernel(q, k, v)
         torch.testing.assert_close(got, want)
         for a, b in zip(torch.autograd.grad(got, (q, k, v), g), want_grads):
             torch.testing.assert_close(a, b)

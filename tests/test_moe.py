@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model_cfg
 
-import minideep_cli.models.moe as moe_mod
+import minideep_cli.models.fast as fast_mod
 from minideep_cli.models import build_model
 from minideep_cli.models.moe import MoE, capacity_for, switch_aux_loss
 
@@ -53,9 +53,9 @@ def make_layer(**kw) -> MoE:
 @pytest.mark.parametrize("capacity", [None, 0.5, 1.0])
 @pytest.mark.parametrize("shared", [0, 1])
 def test_dispatch_equals_reference(monkeypatch, grouped, top_k, capacity, shared):
-    if grouped and not moe_mod.HAS_GROUPED_MM:
+    if grouped and not fast_mod.HAS_GROUPED_MM:
         pytest.skip("this torch has no grouped_mm; the loop path is tested instead")
-    monkeypatch.setattr(moe_mod, "HAS_GROUPED_MM", grouped)
+    monkeypatch.setattr(fast_mod, "HAS_GROUPED_MM", grouped)
     layer = make_layer(top_k=top_k, capacity_factor=capacity, n_shared_experts=shared).train()
     x = torch.randn(3, 7, 32, requires_grad=True)
     y, stats = layer(x)
@@ -75,7 +75,7 @@ def test_dispatch_equals_reference(monkeypatch, grouped, top_k, capacity, shared
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=n)
 
 
-@pytest.mark.skipif(not moe_mod.HAS_GROUPED_MM, reason="this torch has no grouped_mm: nothing to keep out of the graph")
+@pytest.mark.skipif(not fast_mod.HAS_GROUPED_MM, reason="this torch has no grouped_mm: nothing to keep out of the graph")
 def test_moe_layer_traces_under_torch_compile_in_fp32():
     """torch.compile's shape rule for grouped_mm takes bf16 only; fp32 experts run outside the graph."""
     layer = make_layer(top_k=2, capacity_factor=1.0).train()

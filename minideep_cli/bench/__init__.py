@@ -32,7 +32,7 @@ from .. import __version__
 from ..config import Config
 from ..errors import UserError
 from ..schema import json_text
-from ..models.rules import attention_name
+from ..models import attention_name
 from ..device import keep_cpu_memory, pick_device, pick_dtype
 from .busy import bench_busy
 from .decode import bench_decode, cache_rows

@@ -15,17 +15,18 @@ import torch
 from ..config import Config, validate
 from ..errors import UserError
 from ..generate import generate
-from ..models import build_model
-from ..models.rules import ATTENTIONS, fixed_attention
+from ..models import build_model, spec_of
 from .timing import BenchOptions, syncer
 
 
 def attention_variants(cfg: Config) -> list[str]:
-    """The attention variants this config accepts (gpt2: its multi-head attention only)."""
-    if fixed_attention(cfg.model):
-        return [fixed_attention(cfg.model)]
+    """The attention variants of the arch this config accepts (one where the arch's is fixed:
+    gpt2's multi-head attention)."""
+    offered = spec_of(cfg.model).attentions
+    if len(offered) == 1:
+        return list(offered)
     out = []
-    for v in ATTENTIONS:
+    for v in offered:
         c = copy.deepcopy(cfg)
         c.model.attention = v
         try:
@@ -38,7 +39,7 @@ def attention_variants(cfg: Config) -> list[str]:
 
 def variant_config(cfg: Config, variant: str) -> Config:
     c = copy.deepcopy(cfg)
-    if variant != "mha":
+    if len(spec_of(c.model).attentions) > 1:  # model.attention chooses it
         c.model.attention = variant
     return c
 

@@ -5,7 +5,6 @@ allocated)."""
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import re
@@ -22,8 +21,9 @@ from ..config import Config, validate
 from ..errors import UserError
 from ..evaluate import autocast_for
 from ..models import build_model
-from ..models.attention import causal_attention
-from ..models.rules import fixed_attention
+from ..models.fast import attend
+from ..models.layers import causal_attention
+from ..models import spec_of
 from ..optim import param_groups
 from ..device import pick_dtype
 from .timing import BenchOptions
@@ -87,7 +87,7 @@ def traced_activations(cfg: Config, dtype, batch: int, device: str = "cpu") -> d
     with FakeTensorMode():
         model = build_model(cfg.model).train()
         blocks = model.blocks
-        as_target = functools.partial(causal_attention, kernels=device.split(":")[0])
+        as_target = attend if device.split(":")[0] == "cpu" else causal_attention  # the reference: a GPU's way
         for m in model.modules():
             if hasattr(m, "attend"):  # every attention module attends as the target device would
                 m.attend = as_target
@@ -228,15 +228,21 @@ def measure_cuda_peak(cfg: Config, device: str, dtype, steps: int = 3) -> int:
     return peak
 
 
+SMALL_MODEL = {"n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 128, "vocab_size": 1024, "n_kv_head": 2,
+               "ffn_hidden": 0, "expert_hidden": 0, "kv_lora_rank": 64, "q_lora_rank": 0, "qk_nope_head_dim": 32,
+               "qk_rope_head_dim": 16, "v_head_dim": 32}
+
+
 def small_memory_config(cfg: Config) -> Config:
     """The preset's model shrunk to a few layers of width 128 (CPU measurement in seconds)."""
     c = copy.deepcopy(cfg)
     m = c.model
-    m.n_layer, m.n_embd, m.n_head, m.block_size, m.vocab_size = 2, 128, 4, 128, 1024
-    m.n_kv_head = 0 if fixed_attention(m) else 2  # grouped key/value heads where the arch has them
-    m.ffn_hidden = m.expert_hidden = 0
-    m.kv_lora_rank, m.q_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 64, 0, 32, 16, 32
-    m.first_k_dense = min(m.first_k_dense, 1)
+    keys = spec_of(m).keys()
+    for key, value in SMALL_MODEL.items():
+        if key in keys:  # grouped key/value heads, mla's widths, ... where the arch has them
+            setattr(m, key, value)
+    if "first_k_dense" in keys:
+        m.first_k_dense = min(m.first_k_dense, 1)
     c.train.batch_size = 16
     c.train.device, c.train.dtype, c.train.compile = "cpu", "float32", False
     validate(c)

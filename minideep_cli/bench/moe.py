@@ -4,14 +4,16 @@ parameters and against the plain loop over experts."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
 from ..config import Config
 from ..evaluate import autocast_for
+from ..models import ModelConfig, has_experts
 from ..models.layers import SwiGLU
 from ..models.moe import MoE
-from ..models.rules import has_experts
+from ..models.moe_arch import MoEConfig
 from ..models.transformer import expert_hidden
 from .timing import MOE_REFERENCE, BenchOptions, median_times, syncer
 
@@ -27,9 +29,10 @@ def moe_layer_row(name: str, mcfg, tokens: int, opts: BenchOptions, device: str,
         torch.nn.init.normal_(p, 0.0, 0.02)
     x = torch.randn(1, tokens, mcfg.n_embd, device=device, requires_grad=True)
     ctx = autocast_for(device, dtype)
+    paths = {True: moe.experts.forward, False: moe.experts.loop}  # fast.run_experts, or the reference loop
 
     def run_moe(grouped: bool):
-        moe.experts.grouped = grouped
+        moe.experts.forward = paths[grouped]
         with ctx:
             y, stats = moe(x)
         (y.float().square().mean() + stats["loss"]).backward()
@@ -46,9 +49,17 @@ def moe_layer_row(name: str, mcfg, tokens: int, opts: BenchOptions, device: str,
             "loop_ms": t["loop"] * 1e3, "moe_vs_dense": t["moe"] / t["dense"], "moe_vs_loop": t["moe"] / t["loop"]}
 
 
+def layer_settings(m: ModelConfig) -> MoEConfig:
+    """The MoE layer settings of this model section: its own where its arch has experts, else the
+    MoE layer's defaults with the section's common settings."""
+    if isinstance(m, MoEConfig):
+        return copy.deepcopy(m)
+    return MoEConfig(**{f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "arch"})
+
+
 def bench_moe(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
-    ref = copy.deepcopy(cfg.model)
-    ref.arch, ref.n_embd, ref.n_experts, ref.top_k = "moe", MOE_REFERENCE["n_embd"], MOE_REFERENCE["n_experts"], MOE_REFERENCE["top_k"]
+    ref = layer_settings(cfg.model)
+    ref.n_embd, ref.n_experts, ref.top_k = MOE_REFERENCE["n_embd"], MOE_REFERENCE["n_experts"], MOE_REFERENCE["top_k"]
     ref.expert_hidden = ref.ffn_hidden = ref.n_shared_experts = 0
     ref.router_noise = "none"
     rows = [moe_layer_row("reference", ref, MOE_REFERENCE["tokens"], opts, device, dtype)]

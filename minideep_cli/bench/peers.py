@@ -11,7 +11,7 @@ from ..config import Config
 from ..errors import UserError
 from ..generate import generate
 from ..models import build_model
-from ..models.rules import has_experts
+from ..models import has_experts
 from ..models.transformer import expert_hidden
 from .peak import matmul_fn
 from .timing import BenchOptions, median_times, syncer

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import DEFAULT_SECTIONS, BenchOptions, bench_config, parse_bytes
-from ..config import Config, moe_only_keys, resolve_config
+from ..config import Config, resolve_config
 from ..device import default_preset
 from ..errors import UserError
+from ..models import arch_names, spec_for
 
 
 @dataclass
@@ -21,7 +22,7 @@ class BenchPlan:
     opts: BenchOptions
     preset: Optional[str]  # the preset's name, as the results record it
     variants: dict[str, Config]  # --vs: the overrides as given -> their config
-    peers: Optional[dict[str, Config]]  # the peers section: each arch's config
+    peers: Optional[dict[str, Config]]  # the peers section: each registered arch's config
 
 
 def bench_plan(preset: Optional[str] = None, config: Optional[Path] = None, arch: Optional[str] = None,
@@ -50,8 +51,13 @@ def bench_plan(preset: Optional[str] = None, config: Optional[Path] = None, arch
     opts = BenchOptions.for_run(quick, chosen, device_memory=parse_bytes(device_memory) if device_memory else None,
                                 measure_memory=not estimate_memory)
     peers = None
-    if "peers" in chosen:  # both arches of the preset: GPT2LMHeadModel and MixtralForCausalLM
-        # the overrides were given for the chosen arch; the other one takes those every arch reads
-        shared = [o for o in overrides if o.partition("=")[0].strip() not in [f"model.{k}" for k in moe_only_keys()]]
-        peers = {a: resolve(overrides if a == cfg.model.arch else shared, a) for a in ("gpt2", "moe")}
+    if "peers" in chosen:  # every arch transformers has a class of (gpt2: GPT2LMHeadModel, moe: MixtralForCausalLM)
+        peers = {a: resolve(overrides_for(a, overrides), a) for a in arch_names() if "hf" in spec_for(a).exports}
     return BenchPlan(cfg, opts, name, variants, peers)
+
+
+def overrides_for(arch: str, overrides: list[str]) -> list[str]:
+    """The overrides (given for the chosen arch) that `arch` takes: its own model settings, and
+    every other section's."""
+    keys = spec_for(arch).keys()
+    return [o for o in overrides if not (o.startswith("model.") and o.partition("=")[0].strip()[6:] not in keys)]

@@ -21,13 +21,13 @@ class BenchOptions:
     quick: bool = False
     warmup: int = 2
     repeats: int = 7
-    moe_repeats: int = 31  # the MoE/dense ratio moves by several percent from run to run: more samples
+    moe_repeats: int = 31  # the MoE/dense ratio moves from run to run (docs/results/2026-11-29-cpu-changes.md): more samples
     decode_contexts: tuple[int, ...] = (128, 512, 1024)
     decode_tokens: int = 24  # timed tokens per context (cached); recomputing times a third of them
     moe_tokens: int = MOE_REFERENCE["tokens"]
     device_memory: Optional[int] = None  # bytes; --device-memory
     measure_memory: bool = True  # compare the estimate with a measured peak (memory section)
-    matmul_n: Optional[int] = None  # side of the timed square matmul; None: 2,048 on CPU (~0.1 s), 8,192 on GPU
+    matmul_n: Optional[int] = None  # side of the timed square matmul; None: 2,048 on CPU, 8,192 on GPU
 
     def matmul_size(self, device: str) -> int:
         return self.matmul_n or (2048 if device == "cpu" else 8192)

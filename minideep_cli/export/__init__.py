@@ -60,6 +60,7 @@ from ..checkpoint import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_KIND, TOKENIZER, 
                           model_from_checkpoint, plain_weights, safetensors_module)
 from ..errors import UserError, first_line
 from ..files import stale_temp, temp_dir
+from ..models import spec_of
 from ..tokenizer import EOT, load_tokenizer
 from .gguf import DTYPES, check_out_file, export_gguf, gguf_module
 from .hf import generation_config, hf_tokenizer_files, hf_weights, json_text
@@ -100,6 +101,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     safetensors_torch = safetensors_module("minideep export")
     ckpt = load_checkpoint(ckpt_path)
     model, cfg = model_from_checkpoint(ckpt, "cpu", ckpt_path)
+    check_arch_exports(cfg, fmt)
     if fmt == "hf":
         target, hf_config, tensors = hf_weights(model, load_tokenizer(ckpt["tokenizer"]).token_to_id(EOT))
         files = {"config.json": json_text(hf_config), WEIGHTS: tensors, **hf_tokenizer_files(ckpt["tokenizer"], cfg)}
@@ -130,8 +132,17 @@ def _export_gguf(ckpt_path, out: Path, force: bool, dtype: str) -> ExportResult:
     check_out_file(out, force, Path(ckpt_path))
     ckpt = load_checkpoint(ckpt_path)
     model, cfg = model_from_checkpoint(ckpt, "cpu", ckpt_path)
+    check_arch_exports(cfg, "gguf")
     plan = export_gguf(ckpt, model, cfg, out, dtype, name=out.stem)
     return ExportResult(out, "gguf", plan.arch, [out.name], sum(p.numel() for p in model.parameters()))
+
+
+def check_arch_exports(cfg, fmt: str) -> None:
+    """--format safetensors takes every arch; hf and gguf only those whose spec lists a mapping."""
+    spec = spec_of(cfg.model)
+    if fmt != "safetensors" and fmt not in spec.exports:
+        raise UserError(f"cannot export to --format {fmt}: the {spec.name} arch has no mapping to it "
+                        "(--format safetensors exports every arch)")
 
 
 # ---------------------------------------------------------------- atomic folder writing

@@ -49,7 +49,7 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from ..files import temp_name, writable
-from ..models.rules import has_experts
+from ..models import has_experts
 from ..tokenizer import EOT, load_tokenizer
 from .deepseek import _rope_pair_order
 from .layout import dense_width, expert_width, tied

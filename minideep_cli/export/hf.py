@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..checkpoint import TOKENIZER
 from ..errors import UserError
-from ..models.rules import has_experts
+from ..models import has_experts
 from ..tokenizer import EOT
 from . import gpt2
 from .deepseek import deepseek

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import attention_dropout
-from .fast import CPU_FLASH_GQA, attention_with_dropout
-from .layers import RMSNorm, apply_rope, visible
+from .arch import attention_dropout
+from .fast import attend
+from .layers import RMSNorm, apply_rope
 
 # ---------------------------------------------------------------- caches
 
@@ -109,44 +109,14 @@ class Cache:
 # ---------------------------------------------------------------- shared pieces
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                     scale: float | None = None, kernels: str | None = None) -> torch.Tensor:
-    """q (B, H, Tq, D) are the last Tq of the Tk positions in k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv)
-    -> (B, H, Tq, Dv). scale None = 1/sqrt(D). Grouped-query attention when Hkv < H: query head h
-    reads key/value head h // (H / Hkv). kernels: the device type whose way of attending to follow
-    (None: the tensors'; the memory estimate traces CPU tensors the way a GPU attends).
-    On CPU (torch >= 2.9) the groups are attended as they are; elsewhere the keys and values are
-    copied per query head first (torch's fused GPU kernels differ in what grouped attention they
-    accept). On CPU, bf16/fp16 inputs are attended in fp32: torch's CPU attention kernel is slower
-    in bf16 than in fp32 (a micro-benchmark, forward + backward of one gpt2 layer's attention,
-    16 x 4 x 128 x 48: 20.8 against 11.8 ms with the casts), and the result is cast back to the
-    input's dtype."""
-    cpu = (kernels or q.device.type) == "cpu"
-    if cpu and q.dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
-            return causal_attention(q.float(), k.float(), v.float(), dropout, scale, kernels).to(q.dtype)
-    if k.size(1) != q.size(1) and not (cpu and CPU_FLASH_GQA):
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, Tk, D*)
-    if dropout > 0 and cpu:
-        return attention_with_dropout(q, k, v, dropout, scale)
-    tq, tk, gqa = q.size(2), k.size(2), k.size(1) != q.size(1)
-    if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
-    if tq == 1:  # one new token sees everything cached
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(tq, tk, q.device), dropout_p=dropout, scale=scale,
-                                          enable_gqa=gqa)
-
-
 class Attention(nn.Module):
     """Cache accounting every variant shares. Per sequence and layer, a cache holds
     cache_numbers_per_token() numbers for each position plus state_numbers() fixed ones."""
 
     rope_dim: int
-    # the kernel every variant attends with; an instance may be given another (bench's memory trace
-    # gives causal_attention as a GPU runs it)
-    attend = staticmethod(causal_attention)
+    # the kernel every variant attends with: fast.attend, layers.causal_attention's result the
+    # fastest way the device has (bench's memory trace gives an instance the reference itself)
+    attend = staticmethod(attend)
 
     def cache_numbers_per_token(self) -> int:
         raise NotImplementedError
@@ -412,7 +382,7 @@ class LatentAttention(Attention):
 
 
 def build_attention(cfg) -> Attention:
-    """The attention module a moe-arch block uses, from ModelConfig.attention."""
+    """The attention module a moe-arch block uses, from MoEConfig.attention."""
     if cfg.attention == "gqa":
         return GQAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head or cfg.n_head, attention_dropout(cfg), cfg.qk_norm)
     if cfg.attention == "mla":

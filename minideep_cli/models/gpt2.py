@@ -10,16 +10,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, attention_dropout
-from .attention import Cache, KVCache, causal_attention
-from .fast import dropout
+from .arch import attention_dropout
+from .gpt2_arch import GPT2Config
+from .attention import Cache, KVCache
+from .fast import attend, dropout
+from .layers import param_roles
 from .output import Output, lm_loss
 
 
 class GPT2Attention(nn.Module):
-    attend = staticmethod(causal_attention)  # the attention kernel (as attention.Attention.attend)
+    attend = staticmethod(attend)  # the attention kernel (as attention.Attention.attend)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
@@ -37,7 +39,7 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -48,7 +50,7 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
         self.attn = GPT2Attention(cfg)
@@ -61,7 +63,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.cfg = cfg
         self.transformer = nn.ModuleDict(
@@ -86,6 +88,11 @@ class GPT2(nn.Module):
     @property
     def token_embedding(self) -> nn.Embedding:
         return self.transformer.wte
+
+    def param_roles(self) -> dict[str, str]:
+        """Each parameter's role for the optimizers (layers.param_roles): the blocks' Linear
+        weights are the hidden matrices Muon may take; embeddings and LayerNorms go to AdamW."""
+        return param_roles(self, [m.weight for m in self.transformer.h.modules() if isinstance(m, nn.Linear)])
 
     def init_weights(self):
         """GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""

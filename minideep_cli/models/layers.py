@@ -1,5 +1,7 @@
 """Small pure pieces shared by the models: RMSNorm, rotary embeddings, feed-forwards (SwiGLU,
-ReLU²), logit soft-capping, the causal mask. (Dropout is in fast.py: its CPU mask is a speed path.)"""
+ReLU²), logit soft-capping, the causal mask and causal attention as the math says it, the
+parameter roles a model hands the optimizers. (Dropout and the way CPUs attend are in fast.py:
+they are speed paths.)"""
 
 from __future__ import annotations
 
@@ -72,3 +74,44 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 def visible(tq: int, tk: int, device) -> torch.Tensor:
     """(Tq, Tk) True where query i, at position Tk - Tq + i, may see key j (j <= Tk - Tq + i)."""
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                     scale: float | None = None) -> torch.Tensor:
+    """The reference: q (B, H, Tq, D) are the last Tq of the Tk positions in k (B, Hkv, Tk, D),
+    v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv). scale None = 1/sqrt(D). Grouped-query attention when
+    Hkv < H: query head h reads key/value head h // (H / Hkv), here copied per query head, as
+    torch's fused GPU kernels take them. The models attend with fast.attend, which is this on GPUs."""
+    k, v = per_query_head(q, k, v)  # (B, H, Tk, D*)
+    return masked_attention(q, k, v, dropout, scale)
+
+
+def per_query_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped keys and values (B, Hkv, Tk, D*) copied to one per query head (B, H, Tk, D*)."""
+    if k.size(1) == q.size(1):
+        return k, v
+    rep = q.size(1) // k.size(1)
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                     scale: float | None) -> torch.Tensor:
+    """torch's fused attention under the causal mask of causal_attention; grouped keys and values
+    (fewer heads than q) are passed as they are."""
+    tq, tk, gqa = q.size(2), k.size(2), k.size(1) != q.size(1)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    if tq == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(tq, tk, q.device), dropout_p=dropout, scale=scale,
+                                          enable_gqa=gqa)
+
+
+def param_roles(model: nn.Module, hidden: list[torch.Tensor]) -> dict[str, str]:
+    """Each trainable parameter's role for the optimizers (optim.param_groups): "hidden" for the
+    `hidden` matrices (Muon takes them under train.optimizer=muon, AdamW with decay otherwise),
+    "decay" for the other matrices and embeddings (AdamW, decayed), "plain" for vectors: norms,
+    biases (AdamW, never decayed)."""
+    ids = {id(p) for p in hidden}
+    return {name: "hidden" if id(p) in ids else "decay" if p.dim() >= 2 else "plain"
+            for name, p in model.named_parameters() if p.requires_grad}

@@ -10,8 +10,9 @@ One MoE layer, for N tokens of width d, E experts and top-k routing:
            position-major order (all sequences' position 0, then 1, ...), so a token's fate never
            depends on later tokens of its own sequence
   dispatch sort the N*k assignments by expert, run each expert on its contiguous slice
-           (grouped matmuls where available), weight by gates, sum a token's k outputs; a
-           single token at inference on CPU (a decoding step) runs its k experts directly
+           (Experts.loop; fast.py runs grouped matmuls where available, and a single token
+           at inference on CPU, a decoding step, through its k experts directly), weight by
+           gates, sum a token's k outputs
   balance  Switch aux loss E * sum_i f_i P_i (1.0 when uniform) and router z-loss
 """
 
@@ -23,23 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from .fast import one_token
+from .fast import one_token, run_experts
 from .layers import feed_forward
-
-HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-
-
-def grouped_mm_ok(x: torch.Tensor, dtype: torch.dtype, *dims: int) -> bool:
-    """torch's grouped matmul runs on CPU (any float dtype) and on CUDA for bf16 on SM >= 80 with
-    16-byte aligned rows; elsewhere the experts run in a loop (over experts, never tokens)."""
-    if not HAS_GROUPED_MM:
-        return False
-    if x.device.type == "cpu":
-        return True
-    return (x.is_cuda and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-            and all(d % 8 == 0 for d in dims))
-
+from .moe_arch import MoEConfig
 
 def switch_aux_loss(probs: torch.Tensor, counts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """E * sum_i f_i * P_i, f_i = share of the N*k assignments given to expert i, P_i = mean router
@@ -53,7 +40,7 @@ def capacity_for(capacity_factor: float | None, n_tokens: int, k: int, n_experts
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
@@ -85,25 +72,6 @@ class Router(nn.Module):
         return expert_ids, gates, probs, logits
 
 
-def grouped_swiglu(x, counts, w1, w3, w2):
-    """E SwiGLU experts on expert-sorted rows with grouped matmuls. x (M, d), counts (E,) -> (M, d)."""
-    offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
-    # two products, not one on cat([w1, w3]): the cat would copy every expert's weights on each
-    # call, which dominates decoding a token at a time (~30% of it on the cpu preset)
-    g, u = F.grouped_mm(x, w1, offs=offs), F.grouped_mm(x, w3, offs=offs)  # (M, h) each
-    return F.grouped_mm(F.silu(g) * u, w2, offs=offs)
-
-
-def grouped_relu2(x, counts, w1, w2):
-    """E ReLU² experts on expert-sorted rows with grouped matmuls. x (M, d), counts (E,) -> (M, d)."""
-    offs = counts.cumsum(0).to(torch.int32)
-    return F.grouped_mm(F.relu(F.grouped_mm(x, w1, offs=offs)).square(), w2, offs=offs)  # (M, h) -> (M, d)
-
-
-GROUPED = {"swiglu": grouped_swiglu, "relu2": grouped_relu2}
-EAGER_GROUPED = {name: torch.compiler.disable(fn) for name, fn in GROUPED.items()}
-
-
 class Experts(nn.Module):
     """E experts as stacked weights, used as x @ w[e]: w1 (E, d, h), w2 (E, h, d), and for
     SwiGLU the gate's w3 (E, d, h)."""
@@ -115,25 +83,20 @@ class Experts(nn.Module):
         if activation == "swiglu":
             self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.grouped = True  # False: always the loop over experts (`minideep bench` times both)
 
     def weights(self) -> list[torch.Tensor]:
         """The stacked matrices in the order the grouped function takes them."""
         return [self.w1, self.w3, self.w2] if self.activation == "swiglu" else [self.w1, self.w2]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d)."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        # fewer rows than experts on CPU (a prompt of a few tokens; a single token takes
-        # fast.one_token): a grouped matmul would still visit every expert, so loop over the few
-        # experts that received a row instead
-        few_rows = x.device.type == "cpu" and x.size(0) < len(counts)
-        if self.grouped and not few_rows and grouped_mm_ok(x, dtype, *self.w1.shape[1:]):
-            # torch.compile traces grouped_mm for bf16 only (its shape rule rejects fp32): other
-            # dtypes run it eagerly, a graph break around the experts
-            run = (GROUPED if dtype == torch.bfloat16 else EAGER_GROUPED)[self.activation]
-            return run(x.to(dtype), counts, *(w.to(dtype) for w in self.weights()))
-        out, start = [], 0  # otherwise: a loop over the experts that received rows (never over tokens)
+        """x (M, d) sorted by expert, counts (E,) rows per expert -> (M, d): fast.run_experts, which
+        runs grouped matmuls where they pay and the loop below elsewhere."""
+        return run_experts(self, x, counts)
+
+    def loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The reference: each expert that received rows on its own slice (a loop over experts,
+        never tokens). x (M, d), counts (E,) -> (M, d)."""
+        out, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
                 out.append(self.one(e, x[start : start + n]))
@@ -148,7 +111,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_hidden: int):
+    def __init__(self, cfg: MoEConfig, expert_hidden: int):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
@@ -182,7 +145,7 @@ class MoE(nn.Module):
         keep = rank < capacity if capacity is not None else torch.ones_like(rank, dtype=torch.bool)
 
         # index_select, not x[idx]: its backward is an index_add, where indexing's is an accumulating
-        # index_put (several times slower on CPU; fwd+bwd at 4,096 tokens: ~2 vs ~9 ms)
+        # index_put, several times slower on CPU (docs/results/2026-11-29-cpu-changes.md)
         token_sorted = order // k  # (N*k,) = token[order]
         h = self.experts(flat.index_select(0, token_sorted), counts)  # (N*k, d), expert-sorted
         keep_tc = torch.empty_like(keep).index_copy_(0, order, keep).view(N, k)

@@ -10,15 +10,15 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from ..config import ModelConfig
 from .attention import Cache, build_attention, slot_decay_init
 from .fast import dropout
-from .layers import RMSNorm, feed_forward, rope_tables, softcap
-from .moe import MoE
+from .layers import RMSNorm, feed_forward, param_roles, rope_tables, softcap
+from .moe import Experts, MoE
+from .moe_arch import MoEConfig
 from .output import Output, lm_loss
 
 
-def dense_hidden(cfg: ModelConfig) -> int:
+def dense_hidden(cfg: MoEConfig) -> int:
     """model.ffn_hidden, or the width that gives a dense feed-forward 8 * n_embd^2 weights: 8/3 of
     n_embd for SwiGLU's three matrices (rounded up to 16), 4 * n_embd for ReLU²'s two."""
     if cfg.ffn_hidden:
@@ -26,16 +26,16 @@ def dense_hidden(cfg: ModelConfig) -> int:
     return 4 * cfg.n_embd if cfg.activation == "relu2" else 16 * math.ceil(8 * cfg.n_embd / 3 / 16)
 
 
-def expert_hidden(cfg: ModelConfig) -> int:
+def expert_hidden(cfg: MoEConfig) -> int:
     return cfg.expert_hidden or max(16, dense_hidden(cfg) // cfg.top_k)
 
 
-def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+def is_moe_layer(cfg: MoEConfig, i: int) -> bool:
     return i >= cfg.first_k_dense and (i - cfg.first_k_dense) % cfg.moe_every == 0
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd)
         self.attn = build_attention(cfg)
@@ -54,7 +54,7 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -74,6 +74,19 @@ class MoETransformer(nn.Module):
     @property
     def token_embedding(self) -> nn.Embedding:
         return self.tok_emb
+
+    def param_roles(self) -> dict[str, str]:
+        """Each parameter's role for the optimizers (layers.param_roles): the hidden matrices Muon
+        may take are every Linear weight inside the blocks and the experts' stacked (E, d, h)
+        weights; the router (no Linear), latent attention's slots, the embeddings and the output
+        head go to AdamW."""
+        hidden = []
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                hidden.append(m.weight)
+            elif isinstance(m, Experts):
+                hidden.extend(m.weights())
+        return param_roles(self, hidden)
 
     def init_weights(self):
         """N(0, 0.02) for every matrix, the router and latent attention's slot latents; output

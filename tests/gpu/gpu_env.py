@@ -108,8 +108,8 @@ def recorder(events: list):
 
 def count_grouped(monkeypatch) -> list[int]:
     """Count the experts' grouped-matmul calls, through every function Experts.forward may pick
-    (models.moe.GROUPED for bf16, EAGER_GROUPED otherwise, one per activation)."""
-    import minideep_cli.models.moe as moe_mod
+    (models.fast.GROUPED for bf16, EAGER_GROUPED otherwise, one per activation)."""
+    import minideep_cli.models.fast as moe_mod
 
     calls = [0]
     for table in (moe_mod.GROUPED, moe_mod.EAGER_GROUPED):

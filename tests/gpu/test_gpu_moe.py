@@ -1,13 +1,14 @@
 """The experts' grouped matmul against the loop over experts, on the device, under bf16 autocast
 at the rtx3060 moe shapes: outputs and gradients (input and every weight) equal within bf16
-rounding, and the grouped path really runs grouped_mm where grouped_mm_ok allows it."""
+rounding, and the grouped path really runs grouped_mm where fast.grouped_mm_ok allows it."""
 
 import copy
+import functools
 
 import torch
 from gpu_env import count_grouped, pytestmark, rig  # noqa: F401
 
-import minideep_cli.models.moe as moe_mod
+import minideep_cli.models.fast as fast_mod
 from minideep_cli.evaluate import autocast_for
 from minideep_cli.models.moe import MoE
 from minideep_cli.models.transformer import expert_hidden
@@ -21,7 +22,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(layer: MoE, x: torch.Tensor, g: torch.Tensor, grouped: bool, device: str):
-    layer.experts.grouped = grouped
+    experts = layer.experts
+    experts.forward = functools.partial(fast_mod.run_experts, experts) if grouped else experts.loop
     x = x.detach().clone().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
     with autocast_for(device, torch.bfloat16):
@@ -43,7 +45,7 @@ def test_grouped_mm_equals_loop_over_experts(rig, monkeypatch, record_property):
 
     calls = count_grouped(monkeypatch)
     y_g, dx_g, dw_g, s_g = run(layer, x, g, True, rig.device)
-    expected = moe_mod.grouped_mm_ok(x, torch.bfloat16, *layer.experts.w1.shape[1:])
+    expected = fast_mod.grouped_mm_ok(x, torch.bfloat16, *layer.experts.w1.shape[1:])
     assert (calls[0] > 0) == expected, (calls[0], expected)
     used = calls[0]
     y_l, dx_l, dw_l, s_l = run(layer, x, g, False, rig.device)

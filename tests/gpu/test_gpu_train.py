@@ -1,6 +1,6 @@
 """bf16 training steps of every arch and attention variant at the rtx3060 preset's shapes: the
 loss stays finite and falls, and the experts use torch's grouped matmul wherever
-moe.grouped_mm_ok says they can."""
+fast.grouped_mm_ok says they can."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from gpu_env import count_grouped, losses_of, preset_data, pytestmark, recorder, rig  # noqa: F401
 
-import minideep_cli.models.moe as moe_mod
+import minideep_cli.models.fast as fast_mod
 from minideep_cli.models.transformer import expert_hidden
 from minideep_cli.train import train
 
@@ -43,7 +43,7 @@ def test_bf16_steps_loss_finite_and_falling(rig, preset_data, tmp_path, monkeypa
     if arch == "moe":
         m = cfg.model
         probe = torch.empty(1, device=rig.device)
-        expected = moe_mod.grouped_mm_ok(probe, torch.bfloat16, m.n_embd, expert_hidden(m))
+        expected = fast_mod.grouped_mm_ok(probe, torch.bfloat16, m.n_embd, expert_hidden(m))
         record_property("grouped_mm_expected", expected)
         record_property("grouped_mm_calls", calls[0])
         assert (calls[0] > 0) == expected, (calls[0], expected)
