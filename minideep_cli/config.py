@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import re
 import types
 import typing
@@ -57,6 +58,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False
+    # CPU threads: 0 = as many as the cores other work leaves free, looked at again while the run
+    # runs (minideep_cli/threads.py); N = N threads throughout
+    threads: int = 0
     seed: int = 1337
     batch_size: int = 16  # sequences per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -329,6 +333,10 @@ def validate(cfg: Config) -> None:
     _require("train", t, ("warmup", "beta1", "beta2", "muon_momentum"), lambda v: 0 <= v < 1,
              "must be at least 0 and below 1")
     _require("train", t, ("cooldown",), lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    cores = os.cpu_count() or 1
+    if not 0 <= t.threads <= cores:
+        raise UserError(f"train.threads must be from 0 (follow the free cores) to this machine's {cores:,} CPUs, "
+                        f"got {t.threads:,}")
     if t.optimizer not in OPTIMIZERS:
         raise UserError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{t.optimizer}'")
     if cfg.data.order not in DATA_ORDERS:

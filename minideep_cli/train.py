@@ -36,6 +36,7 @@ from .generate import generate
 from .models import build_model, set_dropout
 from .models import has_experts
 from .optim import lr_at, make_optimizer, run_progress, set_lr
+from .threads import ThreadPolicy
 
 Event = Callable[[str, dict], Optional[bool]]  # (kind, info) -> True to stop after this step
 EVAL_SEED = 4242  # periodic validation always reads the same batches
@@ -359,6 +360,9 @@ class Trainer:
         self.writer = self._open_writer(resumed=ckpt is not None)
         self.loss_sum, self.loss_count = torch.zeros((), device=device), 0  # the training loss since the last log
         self.last_log = (0.0, 0)  # (clock, tokens) at the last log, set when the loop starts
+        # CPU threads follow the cores other work leaves free (threads.py); under torchrun each rank's
+        # count stays as torchrun set it, since the other ranks are the "other work"
+        self.threads = ThreadPolicy(t.threads if device == "cpu" and not d.active else torch.get_num_threads())
 
     def _open_writer(self, resumed: bool):
         if not self.d.main:
@@ -400,7 +404,7 @@ class Trainer:
         """The loop: steps until the budget is spent, a stop is asked (saved first) or the loss
         diverges; then finish."""
         s, t, cfg = self.state, self.cfg.train, self.cfg
-        self.emit("start", self.start_info())
+        self.emit("start", {**self.start_info(), "threads": self.threads.start()})
         self.model.train()
         start, elapsed_before = time.perf_counter(), s.elapsed
         self.last_log = (start, s.tokens)
@@ -432,6 +436,10 @@ class Trainer:
     def after_step(self, out: StepOutput, stop: _StopFlag, finished: bool) -> bool:
         """Log, validate and save as the step's number asks; False when the run diverged."""
         s, t = self.state, self.cfg.train
+        changed = self.threads.check()
+        if changed is not None:
+            self.writer.add_scalar("train/threads", changed["threads"], s.step)
+            self.emit("threads", {"step": s.step, **changed})
         if (s.step % t.log_interval == 0 or finished) and not self.log(out, stop):
             return False
         if s.step % t.eval_interval == 0 or finished:

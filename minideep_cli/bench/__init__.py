@@ -9,6 +9,7 @@ median_times they share; plan.py: the command's options turned into a checked pl
 run_bench, which runs them):
 
   train      tokens/s, step time, model FLOPs per token, MFU against the device's peak
+  busy       the training step alone and beside a busy process bench starts itself (CPU)
   moe        one MoE layer forward+backward against a dense SwiGLU of the same active
              parameters and against the plain loop over experts
   decode     generation tokens/s with and without the KV cache at several context lengths;
@@ -33,6 +34,7 @@ from ..errors import UserError
 from ..schema import json_text
 from ..models import attention_name
 from ..device import keep_cpu_memory, pick_device, pick_dtype
+from .busy import bench_busy
 from .decode import bench_decode, cache_rows
 from .memory import bench_memory, estimate_memory, measure_cuda_peak, parse_bytes, traced_activations
 from .moe import bench_moe
@@ -82,6 +84,8 @@ def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, pee
         say(f"{section} ... ({time.perf_counter() - start:.0f} s)")
         if section == "train":
             result["train"] = bench_train(cfg, opts, device, dtype, variants)
+        elif section == "busy":
+            result["busy"] = bench_busy(cfg, opts, device, dtype) if device == "cpu" else None
         elif section == "moe":
             result["moe"] = bench_moe(cfg, opts, device, dtype)
         elif section == "decode":

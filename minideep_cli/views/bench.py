@@ -54,6 +54,15 @@ def render_bench(console, r: dict) -> None:
                 tab.add_row(" ".join(v["overrides"]), v["dtype"], f"{v['tokens_per_sec']:,.0f}", f"{v['step_ms']:,.1f} ms",
                             _x(v["vs_base"]))
             console.print(tab)
+    if r.get("busy"):
+        b = r["busy"]
+        tab = _table("train step beside a busy process bench started (one core's work; rounds alternated)",
+                     "threads", "step", "vs alone")
+        tab.add_row(f"alone, {b['threads']} (torch's choice)", f"{b['alone_ms']:,.1f} ms", "1.00x")
+        tab.add_row(f"beside it, {b['threads']} (torch's choice)", f"{b['busy_ms']:,.1f} ms", _x(b["busy_ratio"]))
+        tab.add_row(f"beside it, {b['policy_threads']} (minideep train's choice)", f"{b['busy_policy_ms']:,.1f} ms",
+                    _x(b["busy_policy_ratio"]))
+        console.print(tab)
     if r["moe"]:
         tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
                      "loop", "MoE / dense", "MoE / loop")

@@ -41,6 +41,8 @@ class TrainView:
                     f"{info['tokens_per_step']:,} tokens/step  budget {' or '.join(budget)}"
                     + (f" (resumed at step {info['step']:,})" if info.get("step") else "")
                     + (f"  {info['world']} ranks ({info['distributed']})" if info.get("world", 1) > 1 else ""))
+            if info.get("device") == "cpu" and "threads" in info and info.get("world", 1) == 1:
+                c.print(threads_line(info["threads"]))
             self.bar.start()
             self.task = self.bar.add_task("train", total=1000, info="")
         elif kind == "step":
@@ -60,9 +62,22 @@ class TrainView:
             c.print("evaluating on the full validation split ...")
         elif kind == "note":
             c.print(f"note: {info['text']}")
+        elif kind == "threads":
+            c.print(f"step {info['step']:>6}  {threads_line(info)}")
 
     def close(self):
         self.bar.stop()
+
+
+def threads_line(t: dict) -> str:
+    """The run's CPU threads and why (train.threads; minideep_cli/threads.py)."""
+    line = f"threads {t['threads']} of {t['cpus']} CPUs"
+    if t["how"] == "set":
+        return line + " (train.threads)"
+    if t["how"] == "fixed":
+        return line + " (torch's choice; the free cores cannot be read here: set train.threads to choose)"
+    return line + (f" (other work keeps {t['others_busy']:.1f} busy; follows the free cores, "
+                   "-o train.threads=N to fix)")
 
 
 def render_result(console, result) -> None:
