@@ -50,9 +50,9 @@ def read_cpu_times(cpus: list[int], stat_path: str = "/proc/stat") -> Optional[C
         return None
     wanted, busy = {f"cpu{c}" for c in cpus}, 0
     for line in lines:
-        name, *ticks = line.split()
-        if name in wanted:
-            values = [int(v) for v in ticks[:8]]
+        parts = line.split()
+        if parts and parts[0] in wanted:
+            values = [int(v) for v in parts[1:9]]
             busy += sum(values) - values[3] - values[4]
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     return CpuTimes(time.perf_counter(), busy / tick, time.process_time())
