@@ -55,14 +55,7 @@ def render_bench(console, r: dict) -> None:
                             _x(v["vs_base"]))
             console.print(tab)
     if r.get("busy"):
-        b = r["busy"]
-        tab = _table("train step beside a busy process bench started (one core's work; rounds alternated)",
-                     "threads", "step", "vs alone")
-        tab.add_row(f"alone, {b['threads']} (torch's choice)", f"{b['alone_ms']:,.1f} ms", "1.00x")
-        tab.add_row(f"beside it, {b['threads']} (torch's choice)", f"{b['busy_ms']:,.1f} ms", _x(b["busy_ratio"]))
-        tab.add_row(f"beside it, {b['policy_threads']} (minideep train's choice)", f"{b['busy_policy_ms']:,.1f} ms",
-                    _x(b["busy_policy_ratio"]))
-        console.print(tab)
+        render_busy(console, r["busy"])
     if r["moe"]:
         tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
                      "loop", "MoE / dense", "MoE / loop")
@@ -113,6 +106,17 @@ def render_bench(console, r: dict) -> None:
                           f"the steps reach {100 * row['minideep_matmul_fraction']:.0f}% (minideep) and "
                           f"{100 * row['hf_matmul_fraction']:.0f}% (transformers) of it")
     console.print(f"done in {r['elapsed_sec']:.1f} s")
+
+
+def render_busy(console, b: dict) -> None:
+    """The step alone and beside the busy process, with torch's thread count and minideep train's."""
+    tab = _table("train step beside a busy process bench started (one core's work; rounds alternated)",
+                 "threads", "step", "vs alone")
+    tab.add_row(f"alone, {b['threads']} (torch's choice)", f"{b['alone_ms']:,.1f} ms", "1.00x")
+    tab.add_row(f"beside it, {b['threads']} (torch's choice)", f"{b['busy_ms']:,.1f} ms", _x(b["busy_ratio"]))
+    tab.add_row(f"beside it, {b['policy_threads']} (minideep train's choice)", f"{b['busy_policy_ms']:,.1f} ms",
+                _x(b["busy_policy_ratio"]))
+    console.print(tab)
 
 
 def render_memory(console, m: dict) -> None:
