@@ -439,8 +439,8 @@ def bench(
     arch: Annotated[Optional[str], typer.Option(help="moe (default) or gpt2.")] = None,
     attention: Annotated[Optional[str], typer.Option(help="gqa | mla | latent (moe arch) for the train and memory sections (decode times every variant).")] = None,
     override: Overrides = None,
-    section: Annotated[Optional[List[str]], typer.Option("--section", "-s", help="train | busy | moe | decode | memory | "
-                       "tokenizer | peers, repeatable; default: all but peers.")] = None,
+    section: Annotated[Optional[List[str]], typer.Option("--section", "-s", help="train | busy | products | moe | decode | "
+                       "memory | tokenizer | peers, repeatable; default: all but products and peers.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repetitions and contexts (under 2 minutes on 2 cores).")] = False,
     estimate_memory: Annotated[bool, typer.Option("--estimate-memory", help="Only predict peak training memory "
                                "(nothing allocated, no device needed).")] = False,

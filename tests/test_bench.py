@@ -27,11 +27,13 @@ from minideep_cli.models.fast import CPU_FLASH_GQA
 from minideep_cli.device import cpu_native_bf16
 
 TOP = {"schema_version", "minideep", "torch", "python", "preset", "arch", "attention", "quick", "device", "threads",
-       "sections", "elapsed_sec", "train", "busy", "moe", "decode", "memory", "tokenizer", "peers"}
+       "sections", "elapsed_sec", "train", "busy", "products", "moe", "decode", "memory", "tokenizer", "peers"}
 TRAIN = {"device", "dtype", "threads", "params", "active_params", "batch_size", "block_size", "step_ms",
          "tokens_per_sec", "flops_per_token", "achieved_tflops", "peak_tflops", "peak_source", "mfu",
          "matmul_tflops", "matmul_fraction", "variants"}
 BUSY = {"threads", "policy_threads", "alone_ms", "busy_ms", "busy_policy_ms", "busy_ratio", "busy_policy_ratio"}
+PRODUCTS = {"step_ms", "matmul_tflops", "model_flops", "rows", "alone_ms", "alone_of_step", "step_share", "ceiling_share"}
+PRODUCTS_ROW = {"what", "kind", "phase", "calls", "distinct", "ms", "flops", "flops_share"}
 TRAIN_VARIANT = {"overrides", "dtype", "step_ms", "tokens_per_sec", "vs_base"}
 MOE = {"rows"}
 MOE_ROW = {"name", "tokens", "n_embd", "n_experts", "top_k", "expert_hidden", "dense_hidden", "moe_ms", "dense_ms",
@@ -52,7 +54,7 @@ PEERS_TRAIN = {"arch", "hf_class", "n_layer", "n_embd", "tokens_per_step", "mini
                "hf_tokens_per_sec", "speedup", "flops_per_token", "matmul_tflops",
                "minideep_matmul_fraction", "hf_matmul_fraction"}
 PEERS_DECODE = {"arch", "context", "minideep_tokens_per_sec", "hf_tokens_per_sec", "speedup"}
-ALL_KEY_SETS = [TOP, TRAIN, TRAIN_VARIANT, BUSY, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
+ALL_KEY_SETS = [TOP, TRAIN, TRAIN_VARIANT, BUSY, PRODUCTS, PRODUCTS_ROW, MOE, MOE_ROW, DECODE, DECODE_SPEED, DECODE_CACHE, MEMORY, MEMORY_ESTIMATE, MEMORY_CHECK,
                 TOKENIZER, PEERS, PEERS_TRAIN, PEERS_DECODE]
 FAST = dict(warmup=0, repeats=1, moe_repeats=1, decode_contexts=(8, 12), decode_tokens=2, measure_memory=False,
             matmul_n=64)
@@ -191,8 +193,10 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 
 def check_keys(r: dict, sections) -> None:
     assert set(r) == TOP
-    for s in ("train", "busy", "moe", "decode", "memory", "tokenizer", "peers"):
+    for s in ("train", "busy", "products", "moe", "decode", "memory", "tokenizer", "peers"):
         assert (r[s] is not None) == (s in sections), s
+    if r["products"]:
+        assert set(r["products"]) == PRODUCTS and all(set(row) == PRODUCTS_ROW for row in r["products"]["rows"])
     if r["busy"]:
         b = r["busy"]
         assert set(b) == BUSY and 1 <= b["policy_threads"] <= b["threads"] == torch.get_num_threads()
@@ -252,7 +256,7 @@ def test_keep_cpu_memory_stops_large_blocks_faulting_in_each_time():
 
 
 def test_json_keys_are_stable_for_every_section():
-    sections = ("train", "busy", "moe", "decode", "memory", "tokenizer")
+    sections = ("train", "busy", "products", "moe", "decode", "memory", "tokenizer")
     r = run_bench(tiny_config("moe"), BenchOptions.for_run(True, sections, **FAST))
     check_keys(r, sections)
     assert [row["attention"] for row in r["decode"]["cache"]] == ["gqa", "mla", "latent"]

@@ -10,6 +10,8 @@ run_bench, which runs them):
 
   train      tokens/s, step time, model FLOPs per token, MFU against the device's peak
   busy       the training step alone and beside a busy process bench starts itself (CPU)
+  products   the step's matrix products and attention kernels timed alone: the highest share of
+             the matmul rate the step could reach with everything else free
   moe        one MoE layer forward+backward against a dense SwiGLU of the same active
              parameters and against the plain loop over experts
   decode     generation tokens/s with and without the KV cache at several context lengths;
@@ -40,6 +42,7 @@ from .memory import bench_memory, estimate_memory, measure_cuda_peak, parse_byte
 from .moe import bench_moe
 from .peak import cpu_peak, gpu_peak
 from .peers import bench_peers
+from .products import bench_products
 from .timing import DEFAULT_SECTIONS, SECTIONS, BenchOptions, Event, median_times
 from .tokenizer import bench_tokenizer
 from .train import bench_config, bench_train, train_step_fn
@@ -86,6 +89,8 @@ def run_bench(cfg: Config, opts: BenchOptions, preset: Optional[str] = None, pee
             result["train"] = bench_train(cfg, opts, device, dtype, variants)
         elif section == "busy":
             result["busy"] = bench_busy(cfg, opts, device, dtype) if device == "cpu" else None
+        elif section == "products":
+            result["products"] = bench_products(cfg, opts, device, dtype)
         elif section == "moe":
             result["moe"] = bench_moe(cfg, opts, device, dtype)
         elif section == "decode":

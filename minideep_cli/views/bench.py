@@ -56,6 +56,8 @@ def render_bench(console, r: dict) -> None:
             console.print(tab)
     if r.get("busy"):
         render_busy(console, r["busy"])
+    if r.get("products"):
+        render_products(console, r["products"])
     if r["moe"]:
         tab = _table("moe layer forward+backward (ratios measured side by side)", "shape", "MoE", "dense SwiGLU",
                      "loop", "MoE / dense", "MoE / loop")
@@ -117,6 +119,20 @@ def render_busy(console, b: dict) -> None:
     tab.add_row(f"beside it, {b['policy_threads']} (minideep train's choice)", f"{b['busy_policy_ms']:,.1f} ms",
                 _x(b["busy_policy_ratio"]))
     console.print(tab)
+
+
+def render_products(console, p: dict) -> None:
+    """The step's products and attention kernels alone, and the ceiling of its matmul share."""
+    tab = _table("the train step's products, each timed alone (interleaved with the step)", "part", "calls",
+                 "time a step", "of the square rate")
+    for row in p["rows"]:
+        share = "-" if row["flops_share"] is None else f"{100 * row['flops_share']:.0f}%"
+        tab.add_row(row["what"], f"{row['calls']:,}", f"{row['ms']:,.1f} ms", share)
+    tab.add_row("the whole step", "", f"{p['step_ms']:,.1f} ms", "")
+    console.print(tab)
+    console.print(f"  forward and backward products and attention alone: {p['alone_ms']:,.1f} ms, "
+                  f"{100 * p['alone_of_step']:.0f}% of the step; a step of only these would reach "
+                  f"{100 * p['ceiling_share']:.0f}% of the square matmul's rate (the step: {100 * p['step_share']:.0f}%)")
 
 
 def render_memory(console, m: dict) -> None:
