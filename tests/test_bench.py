@@ -33,7 +33,7 @@ TRAIN = {"device", "dtype", "threads", "params", "active_params", "batch_size", 
          "matmul_tflops", "matmul_fraction", "variants"}
 BUSY = {"threads", "policy_threads", "alone_ms", "busy_ms", "busy_policy_ms", "busy_ratio", "busy_policy_ratio"}
 PRODUCTS = {"step_ms", "matmul_tflops", "model_flops", "rows", "alone_ms", "alone_of_step", "step_share", "ceiling_share"}
-PRODUCTS_ROW = {"what", "kind", "phase", "calls", "distinct", "ms", "flops", "flops_share"}
+PRODUCTS_ROW = {"what", "kind", "phase", "calls", "distinct", "ms", "flops", "dtypes", "flops_share"}
 TRAIN_VARIANT = {"overrides", "dtype", "step_ms", "tokens_per_sec", "vs_base"}
 MOE = {"rows"}
 MOE_ROW = {"name", "tokens", "n_embd", "n_experts", "top_k", "expert_hidden", "dense_hidden", "moe_ms", "dense_ms",

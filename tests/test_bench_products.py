@@ -67,6 +67,7 @@ def test_muons_newton_schulz_is_recorded_as_the_optimizers():
     # each hidden matrix (a stack of experts counts once: one batched iteration) takes three
     # products per Newton-Schulz step: x x^T, then b gram + c gram gram, then a x + poly x
     assert total(calls, "product", "optimizer", "count") == 3 * 3 * len(hidden)
+    assert {c["dtype"] for c in calls if c["phase"] == "optimizer"} == {"bfloat16"}  # as torch's Muon iterates
     T = cfg.model.block_size
     tokens = cfg.train.batch_size * T
     assert total(calls, "product", "step") == (model.flops_per_token(T) - score_flops(model, T)) * tokens

@@ -39,6 +39,11 @@ def product_flops(name: str, args: tuple, out: torch.Tensor) -> int:
     return 2 * out.numel() * a.size(-1)
 
 
+def out_tensor(out) -> torch.Tensor:
+    """The first tensor of an operator's result (attention kernels return several)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _spec(x):
     """A call's argument as a hashable key: float tensors by layout (their values do not change
     the time), others (group offsets, masks) by value."""
@@ -73,7 +78,8 @@ class Recorder(TorchDispatchMode):
             if key not in self.calls:
                 self.calls[key] = {"func": func, "args": _layouts(args), "kwargs": _layouts(kwargs), "kind": kind,
                                    "phase": phase, "count": 0,
-                                   "flops": product_flops(name, args, out) if kind == "product" else 0}
+                                   "flops": product_flops(name, args, out) if kind == "product" else 0,
+                                   "dtype": str(out_tensor(out).dtype).replace("torch.", "")}
             self.calls[key]["count"] += 1
         return out
 
@@ -158,6 +164,7 @@ def bench_products(cfg: Config, opts: BenchOptions, device: str, dtype) -> dict:
         flops = sum(c["flops"] * c["count"] for _, c in mine)
         rows.append({"what": what, "kind": kind, "phase": phase, "calls": sum(c["count"] for _, c in mine),
                      "distinct": len(mine), "ms": sec * 1e3, "flops": flops,
+                     "dtypes": sorted({c["dtype"] for _, c in mine}),
                      "flops_share": flops / sec / rate if sec and flops else None})
     alone = sum(r["ms"] for r in rows if r["phase"] == "step") / 1e3
     return {"step_ms": times["step"] * 1e3, "matmul_tflops": rate / 1e12, "model_flops": model_flops,

@@ -127,7 +127,8 @@ def render_products(console, p: dict) -> None:
                  "time a step", "of the square rate")
     for row in p["rows"]:
         share = "-" if row["flops_share"] is None else f"{100 * row['flops_share']:.0f}%"
-        tab.add_row(row["what"], f"{row['calls']:,}", f"{row['ms']:,.1f} ms", share)
+        dtypes = f" ({', '.join(row['dtypes'])})" if row["dtypes"] else ""
+        tab.add_row(row["what"] + dtypes, f"{row['calls']:,}", f"{row['ms']:,.1f} ms", share)
     tab.add_row("the whole step", "", f"{p['step_ms']:,.1f} ms", "")
     console.print(tab)
     console.print(f"  forward and backward products and attention alone: {p['alone_ms']:,.1f} ms, "
