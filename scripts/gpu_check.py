@@ -82,6 +82,9 @@ def bench_figures(result: dict) -> dict:
     if moe.get("rows"):
         figs["moe_vs_loop"] = moe["rows"][0]["moe_vs_loop"]
         figs["moe_vs_dense"] = moe["rows"][0]["moe_vs_dense"]
+    if result.get("products"):  # how near the step could come to the matmul rate (bench -s products)
+        figs["products_of_step"] = result["products"]["alone_of_step"]
+        figs["products_ceiling_share"] = result["products"]["ceiling_share"]
     for row in dec.get("speed", []):  # the longest context timed, per attention variant
         figs[f"decode_{row['attention']}_tokens_per_sec"] = row["cached_tokens_per_sec"]
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figs.items()}
@@ -91,7 +94,7 @@ def bench_check(preset: str, out: Path, env: dict, cpu: bool, py: str) -> dict:
     path = out / f"bench-{preset}.json"
     # the dry run times decoding once (rtx3060): its fixed contexts of 128 and 512 tokens are most
     # of a CPU bench's time, and the a100 preset runs the same code
-    sections = ("train", "moe") if cpu and preset != PRESETS[0] else ("train", "moe", "decode")
+    sections = ("train", "products", "moe") if cpu and preset != PRESETS[0] else ("train", "products", "moe", "decode")
     cmd = [py, "-m", "minideep_cli", "bench", "--preset", preset, "--quick", "--json", str(path)]
     for s in sections:
         cmd += ["-s", s]

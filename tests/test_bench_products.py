@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import tiny_model_cfg
 
 from minideep_cli.bench import BenchOptions, run_bench
-from minideep_cli.bench.products import product_flops, record_step, replay
+from minideep_cli.bench.plan import bench_plan
+from minideep_cli.bench.products import Inputs, product_flops, record_step, replay
 from minideep_cli.bench.train import train_step_fn
 from minideep_cli.config import Config
 from minideep_cli.models import build_model
@@ -89,10 +90,58 @@ def test_grouped_products_flops_by_hand():
 
 def test_every_recorded_call_replays_on_fresh_inputs_of_its_layout():
     _, calls = recorded(tiny("moe", optimizer="muon"))
+    inputs = Inputs(calls)
     for call in calls:
-        out = replay(call)()
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        assert torch.isfinite(first).all(), call["func"]
+        for out in (replay(call)(), replay(call, inputs, launches=3)()):
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            assert tuple(first.shape) == call["out_shape"] and torch.isfinite(first).all(), call["func"]
+
+
+def test_shared_inputs_are_disjoint_within_a_call_and_as_large_as_the_largest_call():
+    _, calls = recorded(tiny("moe", optimizer="muon"))
+    inputs = Inputs(calls)
+    for call in calls:
+        args, _ = inputs.args_for(call)
+        spans = sorted((t.storage_offset(), t.storage_offset() + t.as_strided((t.numel(),), (1,)).numel())
+                       for t in args if isinstance(t, torch.Tensor) and t.is_floating_point())
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), call["func"]
+    fp32 = inputs.buffers[(torch.float32, torch.device("cpu"))].numel()
+    per_call = [sum(t.numel() for t in inputs.args_for(c)[0] if isinstance(t, torch.Tensor)
+                    and t.dtype == torch.float32 and t.is_contiguous()) for c in calls]
+    assert max(per_call) <= fp32 < sum(per_call)  # the largest call fits; the calls share it
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "moe"])
+def test_layers_of_one_shape_are_timed_once_and_counted_per_layer(arch):
+    two, three = (recorded(tiny(arch, n_layer=n))[1] for n in (2, 3))
+    step = lambda calls: [c for c in calls if c["phase"] == "step"]  # noqa: E731
+    if arch == "gpt2":  # every layer's products have the same shapes
+        assert len(step(two)) == len(step(three))
+    else:  # the experts' grouped products differ by their group offsets, layer to layer
+        plain = lambda calls: [c for c in step(calls) if "grouped" not in str(c["func"])]  # noqa: E731
+        assert len(plain(two)) == len(plain(three))
+    per_layer = sum(c["count"] for c in step(three)) - sum(c["count"] for c in step(two))
+    assert per_layer > 0 and sum(c["count"] for c in step(two)) - per_layer * 2 > 0  # the lm head's, once
+
+
+def test_the_section_follows_gradient_checkpointing():
+    # recomputing each block's forward in the backward pass adds the blocks' forward products
+    # (2 FLOPs per weight and token) but its last: torch's non-reentrant checkpoint stops
+    # recomputing once the last tensor the backward saved is back, and nothing saves the output
+    # of the block's final product (the MLP's c_proj, before the residual add)
+    opts = BenchOptions.for_run(True, ("products",), warmup=0, repeats=1, matmul_n=64)
+    plain, ckpt = tiny("gpt2"), tiny("gpt2")
+    ckpt.train.grad_checkpointing = True
+    p0, p1 = (run_bench(c, opts)["products"]["rows"][0]["flops"] for c in (plain, ckpt))
+    model = build_model(plain.model)
+    recomputed = sum(p.numel() for n, p in model.transformer.h.named_parameters()
+                     if p.dim() == 2 and not n.endswith("mlp.c_proj.weight"))
+    assert p1 - p0 == 2 * recomputed * plain.train.batch_size * plain.model.block_size
+
+
+def test_products_and_peers_are_not_default_sections():
+    chosen = bench_plan(preset="cpu").opts.sections
+    assert "products" not in chosen and "peers" not in chosen and "train" in chosen
 
 
 def test_the_section_through_run_bench():

@@ -40,7 +40,7 @@ def test_cpu_dry_run_passes_every_check(tmp_path):
         "test_gpu_resume::test_compile_one_step",
         "test_gpu_memory::test_memory_estimate_within_25_percent[moe]",
         "test_gpu_dist::test_torchrun_two_gpus_matches_one[ddp]", "test_gpu_dist::test_torchrun_two_gpus_matches_one[fsdp]",
-        "bench rtx3060 (train, moe, decode)", "bench a100 (train, moe)",
+        "bench rtx3060 (train, products, moe, decode)", "bench a100 (train, products, moe)",
     ]
     missing = [n for n in expected if n not in checks]
     assert not missing, (missing, list(checks))
@@ -49,7 +49,8 @@ def test_cpu_dry_run_passes_every_check(tmp_path):
     assert falling["loss_last"] < falling["loss_first"] and falling["grouped_mm_calls"] > 0
     assert checks["test_gpu_resume::test_resume_is_bit_exact[moe]"]["figures"]["max_abs_diff"] == 0.0
     assert checks["test_gpu_memory::test_memory_estimate_within_25_percent[moe]"]["figures"]["estimated_gib"] > 0
-    assert checks["bench rtx3060 (train, moe, decode)"]["figures"]["tokens_per_sec"] > 0
+    figures = checks["bench rtx3060 (train, products, moe, decode)"]["figures"]
+    assert figures["tokens_per_sec"] > 0 and 0 < figures["products_of_step"]
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert summary.startswith("minideep gpu-check (cpu): PASSED") and "FAILED" not in summary
 

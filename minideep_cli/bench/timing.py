@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 SECTIONS = ("train", "busy", "products", "moe", "decode", "memory", "tokenizer", "peers")
-DEFAULT_SECTIONS = ("train", "busy", "products", "moe", "decode", "memory", "tokenizer")
+DEFAULT_SECTIONS = ("train", "busy", "moe", "decode", "memory", "tokenizer")
 MOE_REFERENCE = dict(n_embd=256, n_experts=8, top_k=2, tokens=4096)  # the reference point of issue 3
 Event = Callable[[str], None]  # progress lines for the terminal
 

@@ -131,9 +131,11 @@ def render_products(console, p: dict) -> None:
         tab.add_row(row["what"] + dtypes, f"{row['calls']:,}", f"{row['ms']:,.1f} ms", share)
     tab.add_row("the whole step", "", f"{p['step_ms']:,.1f} ms", "")
     console.print(tab)
+    ceiling = "-" if p["ceiling_share"] is None else f"{100 * p['ceiling_share']:.0f}%"
     console.print(f"  forward and backward products and attention alone: {p['alone_ms']:,.1f} ms, "
-                  f"{100 * p['alone_of_step']:.0f}% of the step; a step of only these would reach "
-                  f"{100 * p['ceiling_share']:.0f}% of the square matmul's rate (the step: {100 * p['step_share']:.0f}%)")
+                  f"{100 * p['alone_of_step']:.0f}% of the step; a step of only these (the rest, the optimizer "
+                  f"included, free) would reach {ceiling} of the square matmul's rate (the step: "
+                  f"{100 * p['step_share']:.0f}%)")
 
 
 def render_memory(console, m: dict) -> None:
