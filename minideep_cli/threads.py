@@ -77,8 +77,10 @@ class ThreadPolicy:
     most every CHECK_SECONDS at `check`); N > 0 is N threads throughout."""
 
     def __init__(self, setting: int = 0, read: Callable[[], Optional[CpuTimes]] | None = None,
-                 set_threads: Callable[[int], None] = torch.set_num_threads, most: Optional[int] = None):
+                 set_threads: Callable[[int], None] = torch.set_num_threads, most: Optional[int] = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.cpus = allowed_cpus()
+        self.clock = clock  # the clock CpuTimes.wall reads: checked first, so a step reads /proc/stat only to look
         self.read = read or (lambda: read_cpu_times(self.cpus))
         self.set_threads = set_threads
         self.most = most or torch.get_num_threads()  # torch's choice for this machine
@@ -110,8 +112,10 @@ class ThreadPolicy:
         """Between steps: at most every CHECK_SECONDS, look again; returns what changed, or None."""
         if not self.follows:
             return None
+        if self.clock() - self.last.wall < CHECK_SECONDS:
+            return None
         now = self.read()
-        if now is None or now.wall - self.last.wall < CHECK_SECONDS:
+        if now is None:
             return None
         before = self.threads
         self._decide(now)

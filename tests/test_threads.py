@@ -56,6 +56,7 @@ class FakeMachine:
     def __init__(self):
         self.wall = self.busy = self.own = 0.0
         self.others = 0.0
+        self.reads = 0
 
     def advance(self, seconds: float, own_cores: float = 1.0):
         self.wall += seconds
@@ -63,12 +64,13 @@ class FakeMachine:
         self.busy += (own_cores + self.others) * seconds
 
     def read(self):
+        self.reads += 1
         return CpuTimes(self.wall, self.busy, self.own)
 
 
 def policy_on(machine: FakeMachine, setting=0):
     chosen = []
-    p = ThreadPolicy(setting, read=machine.read, set_threads=chosen.append, most=2)
+    p = ThreadPolicy(setting, read=machine.read, set_threads=chosen.append, most=2, clock=lambda: machine.wall)
     p.cpus = [0, 1]
     return p, chosen
 
@@ -80,7 +82,8 @@ def test_the_count_follows_the_machine_while_a_run_runs(monkeypatch):
     assert p.start() == {"threads": 2, "how": "auto", "cpus": 2, "others_busy": 0.0} and chosen == [2]
     m.others = 1.0  # another program starts
     m.advance(th.CHECK_SECONDS / 2)
-    assert p.check() is None  # too soon to look again
+    reads = m.reads
+    assert p.check() is None and m.reads == reads  # too soon to look again: /proc/stat not even read
     m.advance(th.CHECK_SECONDS / 2)
     assert p.check() == {"threads": 1, "how": "auto", "cpus": 2, "others_busy": 1.0} and chosen == [2, 1]
     m.advance(th.CHECK_SECONDS)
