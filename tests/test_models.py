@@ -199,3 +199,42 @@ def test_attention_dropout_is_its_own_knob(arch, extra):
                 if n.endswith(".attn")}
 
     assert attention_rates(dropout=0.3) == {0.3} and attention_rates(dropout=0.3, attention_dropout=0.0) == {0.0}
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "head-view"])
+def test_fast_rmsnorm_equals_the_reference_forward_and_backward(transposed):
+    from minideep_cli.models import fast, layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 16) * 3 + 0.5
+    if transposed:  # as qk_norm sees queries: (B, T, H, D) viewed as (B, H, T, D)
+        x = x.transpose(1, 2)
+    g = torch.randn(x.shape)
+    ref, new = layers.RMSNorm(16), fast.RMSNorm(16)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(16))
+        new.weight.copy_(ref.weight)
+
+    def run(norm):
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(g)
+        return y.detach(), xi.grad, norm.weight.grad, y.grad_fn
+
+    y0, gx0, gw0, _ = run(ref)
+    y1, gx1, gw1, fn = run(new)
+    assert type(fn).__name__ == "RMSNormFunctionBackward"  # the speed path ran, not the reference
+    assert torch.allclose(y1, y0, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(gx1, gx0, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(gw1, gw0, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # evaluation and decoding take the reference itself
+        assert torch.equal(new(x), ref(x))
+
+
+def test_fast_rmsnorm_backward_is_the_derivative():
+    from minideep_cli.models.fast import RMSNormFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), (x, w))

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import attention_dropout
-from .fast import attend
-from .layers import RMSNorm, apply_rope
+from .fast import RMSNorm, attend
+from .layers import apply_rope
 
 # ---------------------------------------------------------------- caches
 

@@ -3,6 +3,8 @@ numbers, on CPU above all (docs/design.md, The models). This module is the one s
 reference modules (attention.py, gpt2.py, moe.py, transformer.py) call into it at the points
 below, and read as the math everywhere else. Each path is tested against the one it replaces.
 
+    RMSNorm                   every RMSNorm: in CPU fp32 training, RMSNormFunction's fewer
+                              passes over the activations; elsewhere layers.RMSNorm
     dropout, keep_scale       every dropout: CPU masks drawn four to a random number
     attend                    every attention module's kernel (Attention.attend): on CPU, fp32,
                               grouped keys and values as they are, dropout written out
@@ -22,11 +24,53 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import layers
 from .layers import causal_attention, masked_attention, per_query_head, visible
 
 # torch's CPU flash attention takes grouped keys and values from 2.9 on (pytorch#157893); older
 # versions would fall back to the slow math kernel, so there they are copied per head as on GPUs
 CPU_FLASH_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """F.rms_norm(x, (d,), weight, eps) with its own backward. On CPU torch runs RMSNorm as its
+    pieces (square, mean, add, rsqrt, two products), keeps their intermediates and has autograd
+    differentiate each one; this keeps only x and the row scales, and its backward is the
+    closed form below, with fewer passes over the activations and fewer temporaries. The same
+    numbers up to rounding (tested); the moe step about 1.02x as fast
+    (docs/results/2026-12-08-rmsnorm.md).
+
+    y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row; with xhat = x * r and gn = g * w,
+    dL/dw = sum over rows of g * xhat, dL/dx = r * (gn - xhat * mean(gn * xhat))."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        d = x.size(-1)
+        r = torch.linalg.vecdot(x, x).div_(d).add_(eps).rsqrt_().unsqueeze(-1)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)  # (..., d)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xhat = x * r
+        gw = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None  # (d,)
+        gn = g * weight
+        mean_dot = torch.linalg.vecdot(gn, xhat).div_(x.size(-1)).unsqueeze(-1)  # (..., 1)
+        gx = torch.addcmul(gn, xhat, mean_dot, value=-1).mul_(r) if ctx.needs_input_grad[0] else None
+        return gx, gw, None
+
+
+class RMSNorm(layers.RMSNorm):
+    """layers.RMSNorm, the one the models build. Training in fp32 on CPU (no autocast) runs
+    RMSNormFunction; evaluation, decoding, other dtypes and devices the reference (GPUs have a
+    fused kernel for it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 == self.weight.dtype and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 def keep_scale(shape, p: float, device=None, dtype=torch.float32) -> torch.Tensor:

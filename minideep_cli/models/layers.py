@@ -1,7 +1,7 @@
 """Small pure pieces shared by the models: RMSNorm, rotary embeddings, feed-forwards (SwiGLU,
 ReLU²), logit soft-capping, the causal mask and causal attention as the math says it, the
-parameter roles a model hands the optimizers. (Dropout and the way CPUs attend are in fast.py:
-they are speed paths.)"""
+parameter roles a model hands the optimizers. (Dropout, the way CPUs attend and RMSNorm's CPU
+training path are in fast.py: they are speed paths.)"""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from .attention import Cache, build_attention, slot_decay_init
-from .fast import dropout
-from .layers import RMSNorm, feed_forward, param_roles, rope_tables, softcap
+from .fast import RMSNorm, dropout
+from .layers import feed_forward, param_roles, rope_tables, softcap
 from .moe import Experts, MoE
 from .moe_arch import MoEConfig
 from .output import Output, lm_loss
